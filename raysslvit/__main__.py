@@ -1,0 +1,78 @@
+"""CLI: `python -m raysslvit <stage>`, or `run` for the whole study. Flags are config field names."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from raysslvit.config import SECTIONS, Config, build_config
+from raysslvit.errors import UserError
+
+PIPELINE = ("ssl", "probe", "finetune")
+COMMON = ("preset", "out", "seed", "num_workers", "use_gpu", "launcher", "max_failures", "checkpoint")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        self.exit(2, f"raysslvit: error: {message}\n")
+
+
+def _add_fields(parser, cls, prefix: str, names=None):
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + ("data" if f.name == "data" and cls.__name__ == "DataConfig" else f.name).replace("_", "-")
+        parser.add_argument(flag, dest=prefix + f.name, default=None, metavar=f.name.upper(),
+                            help=f"(default: {f.default})" if f.default is not dataclasses.MISSING else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raysslvit.stages import STAGES
+
+    parser = _Parser(prog="python -m raysslvit", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+    for name in ("run", *STAGES):
+        p = sub.add_parser(name, help="the whole study" if name == "run" else f"the {name} stage")
+        own = [] if name == "run" else [f.name for f in dataclasses.fields(SECTIONS[STAGES[name][0]])]
+        _add_fields(p, Config, "", COMMON)
+        _add_fields(p, SECTIONS["data"], "data.")
+        _add_fields(p, SECTIONS["model"], "model.", [f.name for f in dataclasses.fields(SECTIONS["model"]) if f.name not in own])
+        if name != "run":  # a stage's own field wins over a model field of the same name (drop_path)
+            _add_fields(p, SECTIONS[STAGES[name][0]], f"{STAGES[name][0]}.")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="any config field, e.g. --set finetune.epochs=10")
+        p.add_argument("--fresh", action="store_true", help="ignore finished results and checkpoints")
+    return parser
+
+
+def config_from_args(args) -> Config:
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("stage", "set", "fresh")}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key] = value
+    return build_config(overrides.pop("preset", "smoke"), overrides)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from raysslvit.stages import STAGES
+
+        cfg = config_from_args(args)
+        stages = PIPELINE if args.stage == "run" else (args.stage,)
+        results = {}
+        for name in stages:
+            results[name] = STAGES[name][1](cfg, fresh=args.fresh)
+        if args.stage == "run":
+            print(f"probe test_acc {results['probe']['test_acc']:.4f} (CLS only {results['probe']['test_acc_cls']:.4f}); "
+                  f"finetune test_acc {results['finetune']['test_acc']:.4f}   results in {cfg.out_dir}/")
+    except UserError as e:
+        print(f"raysslvit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

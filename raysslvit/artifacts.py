@@ -1,0 +1,71 @@
+"""Atomic writes of results and checkpoints, and the provenance saved beside every result."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+
+class atomic_path:
+    """`with atomic_path(dst) as tmp:` write to tmp; it replaces dst only if the block succeeds."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = f"{path}.tmp{os.getpid()}"
+
+    def __enter__(self) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
+def write_json(path: str, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_torch(path: str, obj) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def provenance() -> dict:
+    """Versions, git commit, host and command line: who made this result, and how."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "ray", "transformers", "open_clip_torch", "pandas", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"versions": versions, "git_commit": git_commit(), "host": platform.node(),
+            "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,0 +1,150 @@
+"""Benchmarks, printed as JSON: every figure is a ratio of two things timed side by side in one run.
+
+    python -m raysslvit.bench [--embed-dim 128 --depth 4 --batch-size 256 --data sample]
+
+- step: training-step throughput of our encoder against timm's VisionTransformer, same config,
+  same batch, alternating rounds;
+- corruption: the masked + rotated corruption as a fraction of one whole SSL step;
+- launcher: one SSL epoch through the Ray Train TorchTrainer stage against the same `fit` in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from raysslvit.artifacts import provenance, write_json
+from raysslvit.config import build_config
+from raysslvit.data import normalize
+from raysslvit.ssl import SSLHeads, corrupt, masked_rotation_loss, recon_targets
+from raysslvit.vit import Classifier, ViTConfig, VisionTransformer
+
+
+def _timed(fn, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _train_step(model, opt, x, y):
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_step(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:
+    """Ours vs timm with identical shapes (checked by parameter count): same input, alternating rounds."""
+    import timm
+
+    torch.manual_seed(0)
+    ours = Classifier(VisionTransformer(cfg), 10).to(device)
+    theirs = timm.models.vision_transformer.VisionTransformer(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=10, global_pool="token").to(device)
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    assert n_ours == n_theirs, (n_ours, n_theirs)
+    x, y = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device), torch.randint(0, 10, (batch,), device=device)
+    steps = {name: _train_step(m, torch.optim.AdamW(m.parameters(), 1e-4), x, y) for name, m in (("ours", ours), ("timm", theirs))}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {"ours": [], "timm": []}
+    for r in range(rounds + 2):
+        for name, step in steps.items():
+            t = sum(_timed(step, sync) for _ in range(5)) / 5
+            if r >= 2:  # the first rounds warm up allocators and kernels
+                times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ours_img_per_s": batch / med["ours"], "timm_img_per_s": batch / med["timm"],
+            "throughput_ratio": med["timm"] / med["ours"], "params": n_ours, "batch": batch}
+
+
+def bench_corruption(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:
+    """Cost of `corrupt` against one whole SSL step (corrupt + forward + backward + update)."""
+    torch.manual_seed(0)
+    model = SSLHeads(VisionTransformer(cfg)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    x = torch.randint(0, 256, (batch, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8, device=device)
+
+    def ssl_step():
+        c = corrupt(x, cfg.patch_size)
+        rot, recon = model(normalize(c.images), c.masked_idx)
+        loss, _ = masked_rotation_loss(rot, c.rot_label, recon, recon_targets(c.targets), 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    corr, step = [], []
+    for r in range(rounds + 2):
+        c_t = sum(_timed(lambda: corrupt(x, cfg.patch_size), sync) for _ in range(5)) / 5
+        s_t = sum(_timed(ssl_step, sync) for _ in range(5)) / 5
+        if r >= 2:
+            corr.append(c_t)
+            step.append(s_t)
+    c_med, s_med = statistics.median(corr), statistics.median(step)
+    return {"corruption_ms": 1e3 * c_med, "ssl_step_ms": 1e3 * s_med, "corruption_fraction": c_med / s_med,
+            "batch": batch}
+
+
+def bench_launcher(overrides: dict, epochs: int) -> dict:
+    """The same SSL `fit` through TorchTrainer and in-process: per-epoch time and whole-call time."""
+    from raysslvit.stages import ssl
+
+    out = {}
+    for launcher in ("local", "ray"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = build_config("cpu", {**overrides, "out": tmp, "launcher": launcher, "ssl.epochs": epochs,
+                                       "ssl.warmup_epochs": 0})
+            t0 = time.perf_counter()
+            metrics = ssl.run(cfg)
+            out[launcher] = {"epoch_s": statistics.median(m["epoch_time_s"] for m in metrics["history"]),
+                             "call_s": time.perf_counter() - t0}
+    return {"local_epoch_s": out["local"]["epoch_s"], "ray_epoch_s": out["ray"]["epoch_s"],
+            "epoch_ratio": out["ray"]["epoch_s"] / out["local"]["epoch_s"],
+            "local_call_s": out["local"]["call_s"], "ray_call_s": out["ray"]["call_s"],
+            "call_ratio": out["ray"]["call_s"] / out["local"]["call_s"], "epochs": epochs}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raysslvit.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--data", default="sample", help="data for the launcher epoch (sample | cifar10)")
+    p.add_argument("--data-dir", default="", help="an ImageFolder tree for the launcher epoch")
+    p.add_argument("--epochs", type=int, default=2, help="SSL epochs per launcher")
+    p.add_argument("--skip", action="append", default=[], choices=("step", "corruption", "launcher"))
+    p.add_argument("--out", default=os.path.join("runs", "bench.json"))
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ViTConfig(embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+              "model": cfg.to_dict()}
+    if "step" not in args.skip:
+        result["step"] = bench_step(cfg, args.batch_size, args.rounds, device)
+    if "corruption" not in args.skip:
+        result["corruption"] = bench_corruption(cfg, args.batch_size, args.rounds, device)
+    if "launcher" not in args.skip:
+        data = {"data.data_dir": args.data_dir} if args.data_dir else {"data.data": args.data}
+        model = {"model.embed_dim": args.embed_dim, "model.depth": args.depth, "model.num_heads": args.num_heads}
+        result["launcher"] = bench_launcher({**data, **model}, args.epochs)
+    result["provenance"] = provenance()
+    write_json(args.out, result)
+    print(__import__("json").dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

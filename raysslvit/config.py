@@ -1,0 +1,207 @@
+"""Typed configs per stage, validated on construction, plus the named presets (smoke / cpu / seed).
+
+CLI flags (`--mask-ratio`) and Tune spaces (`ssl.mask_ratio`) use these field names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from raysslvit.errors import UserError
+from raysslvit.vit import ViTConfig
+
+DEFAULT_DATA_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "raysslvit")
+
+
+def _check(ok: bool, message: str):
+    if not ok:
+        raise UserError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: str = "sample"  # sample | cifar10 | dir (set by --data-dir)
+    data_dir: str = ""  # an ImageFolder tree with train/ and test/
+    data_root: str = DEFAULT_DATA_ROOT  # torchvision download folder and decode cache
+    val_fraction: float = 0.1  # held out from train, stratified: 5,000 images of CIFAR-10
+    split_seed: int = 0
+
+    def __post_init__(self):
+        _check(self.data in ("sample", "cifar10", "dir"), f"unknown --data {self.data!r}: use sample, cifar10 or --data-dir PATH")
+        _check(self.data != "dir" or bool(self.data_dir), "--data dir needs --data-dir PATH")
+        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation shared by every gradient-trained stage: AdamW, linear warmup, cosine decay."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3  # for batch 256; scaled linearly with the global batch
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    augment: bool = True  # random horizontal flip (+ crop when crop_pad > 0), batched on device
+    crop_pad: int = 4  # random crop of the zero-padded image; 0 turns cropping off
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
+        _check(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        _check(self.crop_pad >= 0, f"crop_pad must be non-negative, got {self.crop_pad}")
+
+
+@dataclass(frozen=True)
+class SSLConfig(TrainConfig):
+    objective: str = "masked_rotation"  # the study's task (see ssl.py)
+    # No crop: the black border of a zero-padded crop, rotated with its patch, gives the angle away.
+    crop_pad: int = 0
+    subset_ratio: float = 0.5  # share of patches in set A
+    mask_ratio: float = 0.5  # share of A blacked out; the rest of A is rotated
+    recon_weight: float = 1.0  # lambda in CE + lambda * MSE
+    norm_pix: bool = False  # reconstruct per-patch normalised pixels (MAE's norm_pix_loss)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.objective in ("masked_rotation",), f"unknown objective {self.objective!r}")
+        _check(0 < self.subset_ratio <= 1, f"subset_ratio must be in (0, 1], got {self.subset_ratio}")
+        _check(0 <= self.mask_ratio <= 1, f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
+        _check(self.recon_weight >= 0, f"recon_weight must be non-negative, got {self.recon_weight}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    features: str = "multi"  # cls: final CLS (the study) | multi: CLS + mean patch of the last blocks
+    probe_blocks: int = 4  # blocks whose outputs the multi features concatenate
+    weight_decays: tuple = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # chosen on val
+    epochs: int = 60
+    batch_size: int = 2048
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        _check(self.features in ("cls", "multi"), f"unknown probe features {self.features!r}: use cls or multi")
+        _check(self.probe_blocks >= 1, f"probe_blocks must be at least 1, got {self.probe_blocks}")
+        _check(len(self.weight_decays) > 0, "weight_decays must not be empty")
+        _check(self.epochs >= 1 and self.batch_size >= 1, "probe epochs and batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    epochs: int = 50
+    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.1
+    layer_decay: float = 0.75  # lr multiplier per block below the head (BEiT / MAE fine-tuning)
+    drop_path: float = 0.1
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing of pairs within a batch; 0 turns it off
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        _check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+        _check(self.mixup >= 0, f"mixup must be non-negative, got {self.mixup}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs; saved as config.json beside every result."""
+
+    preset: str = "smoke"
+    out: str = ""  # default runs/<preset>
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: str = "auto"  # auto | true | false
+    launcher: str = "ray"  # ray: TorchTrainer | local: the same fit in-process, no Ray
+    max_failures: int = 1
+    checkpoint: str = ""  # encoder checkpoint for probe / finetune; default <out>/ssl/model.pt
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ViTConfig = field(default_factory=ViTConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self):
+        _check(self.preset in PRESETS, f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        _check(self.num_workers >= 1, f"num_workers must be at least 1, got {self.num_workers}")
+        _check(self.use_gpu in ("auto", "true", "false"), f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
+        _check(self.launcher in ("ray", "local"), f"launcher must be ray or local, got {self.launcher!r}")
+
+    @property
+    def out_dir(self) -> str:
+        return self.out or os.path.join("runs", self.preset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ViTConfig, "ssl": SSLConfig, "probe": ProbeConfig, "finetune": FinetuneConfig}
+
+PRESETS = {
+    # Embedded sample, tiny model: every stage in under a minute on a laptop CPU.
+    "smoke": {
+        "data.data": "sample",
+        "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2,
+        "ssl.epochs": 4, "ssl.batch_size": 128, "ssl.warmup_epochs": 1,
+        "probe.epochs": 30, "probe.batch_size": 512,
+        "finetune.epochs": 6, "finetune.batch_size": 128, "finetune.warmup_epochs": 1,
+    },
+    # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs (SSL 20, fine-tune 50).
+    "cpu": {
+        "data.data": "cifar10",
+        "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4,
+        "ssl.epochs": 20, "finetune.epochs": 50,
+    },
+    # Full CIFAR-10, a GPU-sized model, the study's epochs.
+    "seed": {
+        "data.data": "cifar10",
+        "model.embed_dim": 384, "model.depth": 6, "model.num_heads": 6,
+        "ssl.epochs": 20, "ssl.batch_size": 512, "finetune.epochs": 50, "finetune.batch_size": 512,
+    },
+}
+
+
+def parse_value(cls, name: str, text: str):
+    """Parse a CLI / YAML string into the type of field `name` of dataclass `cls`."""
+    f = {f.name: f for f in fields(cls)}.get(name)
+    _check(f is not None, f"unknown config field {name!r} of {cls.__name__}")
+    kind = type(f.default) if f.default is not dataclasses.MISSING else str
+    if not isinstance(text, str):
+        return tuple(text) if kind is tuple else text
+    try:
+        if kind is bool:
+            _check(text.lower() in ("true", "false", "1", "0"), f"{name} must be true or false, got {text!r}")
+            return text.lower() in ("true", "1")
+        if kind is tuple:
+            return tuple(float(v) for v in text.split(",") if v)
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+
+
+def build_config(preset: str = "smoke", overrides: dict | None = None) -> Config:
+    """Preset values, then `overrides` ({"ssl.epochs": 3, "seed": 1}), validated once at the end."""
+    _check(preset in PRESETS, f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **(overrides or {})}
+    top, sections = {"preset": preset}, {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        if section:
+            _check(section in SECTIONS, f"unknown config section {section!r} in {key!r}")
+            sections[section][name] = parse_value(SECTIONS[section], name, value)
+        else:
+            top[name] = parse_value(Config, name, value)
+    if sections["data"].get("data_dir"):
+        sections["data"]["data"] = "dir"
+    built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
+    return Config(**top, **built)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved by `Config.to_dict` (checkpoints, config.json)."""
+    d = dict(d)
+    built = {name: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop(name).items()})
+             for name, cls in SECTIONS.items()}
+    return Config(**d, **built)

@@ -1,0 +1,218 @@
+"""CIFAR-10 sources (embedded sample, torchvision download, any ImageFolder tree), a decode cache,
+the stratified validation split, and batched on-device augmentation.
+
+Images live as uint8 (N, 3, 32, 32) tensors on the training device; a batch is a slice of a
+permutation, and crops, flips and normalisation are tensor ops on the whole batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from raysslvit.artifacts import atomic_path
+from raysslvit.errors import UserError
+
+SAMPLE_ZIP = os.path.join(os.path.dirname(__file__), "assets", "cifar10_sample.zip")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Channel statistics of the CIFAR-10 train set, used for every source.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+IMG_SIZE = 32
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+
+@dataclass
+class Splits:
+    """train / val / test as uint8 image tensors (N, 3, 32, 32) and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    def to(self, device) -> "Splits":
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return Splits(**moved, classes=self.classes)
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each returns numpy (train_x, train_y, test_x, test_y, classes), images as (N, 32, 32, 3)
+
+
+def _decode(name: str, raw: bytes) -> np.ndarray:
+    try:
+        img = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    except Exception:
+        raise UserError(f"unreadable image: {name}") from None
+    if img.shape[:2] != (IMG_SIZE, IMG_SIZE):
+        raise UserError(f"image {name} is {img.shape[1]}x{img.shape[0]}, expected {IMG_SIZE}x{IMG_SIZE}")
+    return img
+
+
+def _assemble(files: dict[str, dict[str, list]], where: str, read) -> tuple:
+    """files[split][class] = sorted keys; `read(key)` gives the bytes. Decodes into arrays."""
+    for split in ("train", "test"):
+        if not files.get(split):
+            raise UserError(f"{where} has no images under {split}/ (expected {split}/<class>/<image>)")
+    classes = sorted(files["train"])
+    if sorted(files["test"]) != classes:
+        raise UserError(f"{where}: train classes {classes} differ from test classes {sorted(files['test'])}")
+    out = []
+    for split in ("train", "test"):
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for key in files[split][cls]:
+                images.append(_decode(key, read(key)))
+                labels.append(label)
+        out += [np.stack(images), np.asarray(labels, dtype=np.int64)]
+    return (*out, classes)
+
+
+def _list_image_folder(root: str) -> dict[str, dict[str, list]]:
+    files = {}
+    for split in ("train", "test"):
+        top = os.path.join(root, split)
+        if not os.path.isdir(top):
+            continue
+        files[split] = {}
+        for cls in sorted(os.listdir(top)):
+            d = os.path.join(top, cls)
+            if os.path.isdir(d):
+                names = sorted(n for n in os.listdir(d) if n.lower().endswith(IMAGE_EXTENSIONS))
+                if names:
+                    files[split][cls] = [os.path.join(d, n) for n in names]
+    return files
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_image_folder(root: str, cache_dir: str) -> tuple:
+    """An ImageFolder tree with train/ and test/, decoded once into a cache rebuilt when it changes."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder not found: {root}")
+    files = _list_image_folder(root)
+    digest = hashlib.sha1(os.path.realpath(root).encode())
+    for split, by_class in sorted(files.items()):
+        for cls, paths in sorted(by_class.items()):
+            for p in paths:
+                st = os.stat(p)
+                digest.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = os.path.join(cache_dir, f"imagefolder-{digest.hexdigest()[:16]}.npz")
+    if os.path.exists(cache):
+        with np.load(cache) as z:
+            return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])
+    arrays = _assemble(files, root, _read_file)
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3], classes=np.array(arrays[4]))
+    return arrays
+
+
+def load_sample() -> tuple:
+    """The embedded CIFAR-10 sample: an ImageFolder tree of the JPEG copy, zipped in the package."""
+    with zipfile.ZipFile(SAMPLE_ZIP) as z:
+        files: dict[str, dict[str, list]] = {}
+        for name in sorted(z.namelist()):
+            parts = name.split("/")
+            if len(parts) == 3 and parts[2]:
+                files.setdefault(parts[0], {}).setdefault(parts[1], []).append(name)
+        return _assemble(files, SAMPLE_ZIP, z.read)
+
+
+def load_cifar10(root: str) -> tuple:
+    """Real CIFAR-10 through torchvision (downloaded into `root` once)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(root, train=True, download=True)
+        test = CIFAR10(root, train=False, download=True)
+    except Exception as e:  # offline, proxy, disk: all end the same way for the user
+        raise UserError(f"could not get CIFAR-10 into {root} ({type(e).__name__}); "
+                        f"use --data sample (embedded) or --data-dir PATH (an ImageFolder tree)") from None
+    as_np = lambda ds: (ds.data, np.asarray(ds.targets, dtype=np.int64))
+    return (*as_np(train), *as_np(test), list(train.classes))
+
+
+def load_splits(data: str, data_dir: str = "", data_root: str = "", val_fraction: float = 0.1,
+                split_seed: int = 0) -> Splits:
+    """Load a source and hold out a seeded, stratified validation split from train."""
+    if data == "sample":
+        arrays = load_sample()
+    elif data == "cifar10":
+        arrays = load_cifar10(data_root)
+    else:
+        arrays = load_image_folder(data_dir, os.path.join(data_root, "cache"))
+    train_x, train_y, test_x, test_y, classes = arrays
+    to_tensor = lambda x: torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    x, y = to_tensor(train_x), torch.from_numpy(train_y)
+    val = stratified_holdout(y, val_fraction, split_seed)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    return Splits(x[keep], y[keep], x[val], y[val], to_tensor(test_x), torch.from_numpy(test_y), classes)
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a seeded held-out set with `fraction` of every class (at least one each)."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        n = max(1, round(fraction * len(idx)))
+        if n >= len(idx):
+            raise UserError(f"class {int(c)} has {len(idx)} train images: too few for a validation split")
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(picked).sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched, on-device operations
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, standardised per channel."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding (pad > 0) and horizontal flip for a whole uint8 batch, no loop."""
+    B, C, H, W = x.shape
+    flip = torch.rand(B, device=x.device, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if pad == 0:
+        return x
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, B, 1), device=x.device, generator=generator))
+    rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return padded[b, c, rows, cols]
+
+
+def shard_batches(n: int, batch_size: int, rank: int, world: int, seed: int, device=None):
+    """Index tensors of this rank's batches for one epoch: a seeded permutation, split across ranks
+    into equal disjoint shards (DDP needs equal step counts), then cut into batches."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // world
+    shard = perm[rank * per_rank:(rank + 1) * per_rank].to(device)
+    return list(shard.split(batch_size))

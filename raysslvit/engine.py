@@ -1,0 +1,174 @@
+"""The Ray-free training loop every gradient-trained stage shares.
+
+`fit(task, splits, cfg, ctx, report)` trains `task.model` with AdamW, linear warmup and cosine
+decay, on batches cut from a seeded permutation of the on-device uint8 train split. After every
+epoch it evaluates on val and calls `report(metrics, state)`; the state (rank 0 only) is the
+checkpoint. The caller decides what a report means: Ray Train, or plain files (`--launcher local`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from raysslvit.config import TrainConfig
+from raysslvit.data import Splits, augment, shard_batches
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker runs; `prepare_model` is DDP under Ray Train and `.to(device)` locally."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return self.prepare_model(model) if self.prepare_model else model.to(self.device)
+
+    def log(self, line: str) -> None:
+        if self.rank == 0:  # not print(): Ray Train patches it to log each line twice
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+
+class Task(Protocol):
+    name: str
+    model: nn.Module
+    monitor: str | None  # val metric that picks the best epoch (higher is better); None: the last
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
+    def evaluate(self, model: nn.Module, splits: Splits) -> dict: ...
+    def finish(self, model: nn.Module, splits: Splits) -> dict: ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay for biases, norms and `no_weight_decay()` names; with layer_decay < 1
+    the lr shrinks geometrically from the head down to the patch embedding (BEiT, MAE)."""
+    encoder = getattr(model, "encoder", model)
+    skip = {f"encoder.{n}" if encoder is not model else n for n in encoder.no_weight_decay()}
+    depth = len(encoder.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        bare = name.removeprefix("encoder.")
+        if bare.startswith(("patch_embed", "cls_token", "pos_embed")):
+            layer = 0
+        elif bare.startswith("blocks."):
+            layer = int(bare.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        decay = 0.0 if p.ndim <= 1 or name in skip else weight_decay
+        key = (layer, decay)
+        groups.setdefault(key, {"params": [], "weight_decay": decay, "lr_scale": layer_decay ** (depth + 1 - layer)})
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup to `base`, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs; fp32 on CPUs, where it measured faster for these small matrices."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Apply `fn` to uint8 images in batches and concatenate (fp32)."""
+    return torch.cat([fn(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
+def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report: Callable[[dict, dict | None], None],
+        resume: dict | None = None, seed: int = 0, layer_decay: float = 1.0) -> dict:
+    """Train, evaluate every epoch, report; returns the final metrics (test at the best val epoch)."""
+    torch.manual_seed(seed * 1000 + ctx.rank)
+    model = ctx.prepare(task.model)
+    base = unwrap(model)
+    groups = param_groups(base, cfg.weight_decay, layer_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    global_batch = cfg.batch_size
+    local_batch = max(1, global_batch // ctx.world_size)
+    lr = cfg.lr * global_batch / 256
+    steps_per_epoch = len(shard_batches(len(splits.train_y), local_batch, ctx.rank, ctx.world_size, 0))
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+
+    start, best, best_state, history = 0, -math.inf, None, []
+    if resume is not None:
+        base.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        start, best, best_state, history = resume["epoch"] + 1, resume["best"], resume["best_state"], resume["history"]
+        ctx.log(f"{task.name}: resumed after epoch {resume['epoch'] + 1}/{cfg.epochs}")
+
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        train = _train_epoch(task, model, opt, splits, cfg, ctx, epoch, steps_per_epoch, total, warmup, lr, seed)
+        model.eval()
+        with autocast(ctx.device):
+            val = task.evaluate(base, splits)
+        metrics = {"epoch": epoch + 1, **train, **val, "epoch_time_s": time.perf_counter() - t0}
+        score = val[task.monitor] if task.monitor else epoch
+        if score > best:
+            best, best_state = score, copy.deepcopy(base.state_dict())
+        history.append(metrics)
+        ctx.log(f"{task.name} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        state = {"model": base.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+                 "best_state": best_state, "history": history}
+        if epoch + 1 == cfg.epochs:
+            break
+        report(metrics, state if ctx.rank == 0 else None)
+    else:  # resumed from the last epoch's checkpoint: only the final evaluation is missing
+        state = resume
+    # The last report carries the final metrics: the test split, once, at the best val epoch.
+    final = _finish(task, model, base, splits, ctx, history, state["best_state"])
+    report(final, state if ctx.rank == 0 else None)
+    return final
+
+
+def _train_epoch(task, model, opt, splits, cfg, ctx, epoch, steps_per_epoch, total, warmup, lr, seed) -> dict:
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    batches = shard_batches(len(splits.train_y), max(1, cfg.batch_size // ctx.world_size), ctx.rank,
+                            ctx.world_size, seed * 10007 + epoch, ctx.device)
+    for i, idx in enumerate(batches):
+        step = epoch * steps_per_epoch + i
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, warmup, lr) * g["lr_scale"]
+        x, y = splits.train_x[idx], splits.train_y[idx]
+        if cfg.augment:
+            x = augment(x, cfg.crop_pad)
+        with autocast(ctx.device):
+            loss, logs = task.loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for k, v in {"loss": loss.detach(), **logs}.items():
+            sums[k] = sums.get(k, 0.0) + v  # tensors: no sync with the device per step
+    return {f"train_{k}": float(v) / len(batches) for k, v in sums.items()}
+
+
+def _finish(task, model, base, splits, ctx, history, best_state) -> dict:
+    best_epoch = max(history, key=lambda m: m[task.monitor] if task.monitor else m["epoch"])["epoch"]
+    base.load_state_dict(best_state)
+    model.eval()
+    with autocast(ctx.device):
+        final = task.finish(base, splits)
+    return {**history[-1], **final, "best_val_epoch": best_epoch, "history": history}

@@ -1,0 +1,59 @@
+"""Stage 3: fine-tuning. Both SSL heads dropped, a new Linear(D, 10) on CLS, the whole model trained."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raysslvit.config import Config, FinetuneConfig
+from raysslvit.data import normalize
+from raysslvit.engine import WorkerContext, fit, predict
+from raysslvit.launch import launch
+from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.vit import Classifier
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = predict(lambda b: model(normalize(b)), x)
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+class ClassificationTask:
+    """Cross-entropy with label smoothing and optional batched mixup; accuracy on val picks the epoch."""
+
+    name, monitor = "finetune", "val_acc"
+
+    def __init__(self, cfg: FinetuneConfig, model: torch.nn.Module):
+        self.cfg, self.model = cfg, model
+
+    def loss(self, model, x, y):
+        x = normalize(x)
+        if self.cfg.mixup > 0:  # mix each image with its mirror in the batch, one lambda per batch
+            lam = float(torch.distributions.Beta(self.cfg.mixup, self.cfg.mixup).sample())
+            logits = model(lam * x + (1 - lam) * x.flip(0)).float()
+            ce = lambda t: F.cross_entropy(logits, t, label_smoothing=self.cfg.label_smoothing)
+            loss = lam * ce(y) + (1 - lam) * ce(y.flip(0))
+        else:
+            logits = model(x).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
+
+    def evaluate(self, model, splits):
+        return {"val_acc": accuracy(model, splits.val_x, splits.val_y)}
+
+    def finish(self, model, splits):
+        n = len(splits.val_y)  # a train subset as large as val, for the train/val gap
+        return {"test_acc": accuracy(model, splits.test_x, splits.test_y),
+                "train_acc": accuracy(model, splits.train_x[:n], splits.train_y[:n])}
+
+
+def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
+    splits = load_data(cfg, ctx.device)
+    encoder = load_encoder(encoder_path(cfg), drop_path=cfg.finetune.drop_path)
+    task = ClassificationTask(cfg.finetune, Classifier(encoder, len(splits.classes)))
+    return fit(task, splits, cfg.finetune, ctx, report, resume, seed=cfg.seed, layer_decay=cfg.finetune.layer_decay)
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
+    load_data(cfg)
+    return launch("finetune", "finetune", worker, cfg, fresh)

@@ -1,0 +1,96 @@
+"""Stage 2: linear probe of M's frozen encoder.
+
+Features are extracted once; linear classifiers for every weight decay of the grid train together
+as one batched problem, and val picks the decay. Two feature sets: the final CLS (the study's
+protocol, `test_acc_cls`) and, with `--features multi`, CLS and mean patch token of the last
+blocks concatenated (as DINO probes do); `test_acc` is the probe the config selects.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raysslvit.config import Config, ProbeConfig
+from raysslvit.data import normalize
+from raysslvit.engine import WorkerContext, lr_at, predict
+from raysslvit.launch import launch
+from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.vit import VisionTransformer
+
+
+@torch.no_grad()
+def extract_features(encoder: VisionTransformer, x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images -> (final CLS (n, D), [CLS, mean patch] of the last `blocks` blocks (n, 2*D*blocks))."""
+    def both(b):
+        out = encoder.forward_intermediates(normalize(b))
+        normed = [encoder.norm(t) for t in out["blocks"][-blocks:]]
+        multi = torch.cat([torch.cat([t[:, 0], t[:, 1:].mean(1)], dim=1) for t in normed], dim=1)
+        return torch.cat([out["final"][:, 0], multi], dim=1)
+
+    encoder.eval()
+    feats = predict(both, x)
+    return feats[:, :encoder.embed_dim], feats[:, encoder.embed_dim:]
+
+
+def train_linear_probes(train_f, train_y, val_f, val_y, num_classes: int, cfg: ProbeConfig, seed: int = 0) -> dict:
+    """One linear classifier per weight decay (L2 penalty), trained side by side with Adam on
+    standardised features; returns the one with the best val accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    standardise = lambda f: (f - mean) / std
+    xtr, xva = standardise(train_f), standardise(val_f)
+    wds = torch.tensor(cfg.weight_decays, dtype=torch.float32, device=xtr.device)
+    G, (n, d) = len(wds), xtr.shape
+    W = torch.zeros(G, d, num_classes, device=xtr.device, requires_grad=True)
+    b = torch.zeros(G, 1, num_classes, device=xtr.device, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=cfg.lr)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            perm = torch.randperm(n, generator=g).to(xtr.device)
+        idx = perm[(step % steps_per_epoch) * cfg.batch_size:][:cfg.batch_size]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, steps_per_epoch, cfg.lr)
+        logits = torch.einsum("nd,gdc->gnc", xtr[idx], W) + b  # (G, B, C)
+        ce = F.cross_entropy(logits.flatten(0, 1), train_y[idx].repeat(G), reduction="none").view(G, -1).mean(1)
+        loss = (ce + wds * W.pow(2).sum((1, 2))).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        val_acc = ((torch.einsum("nd,gdc->gnc", xva, W) + b).argmax(2) == val_y).float().mean(1)
+    best = int(val_acc.argmax())
+    return {"W": W[best].detach(), "b": b[best, 0].detach(), "mean": mean, "std": std,
+            "weight_decay": float(wds[best]), "val_acc": float(val_acc[best]), "val_acc_by_wd": val_acc.tolist()}
+
+
+def probe_accuracy(probe: dict, f: torch.Tensor, y: torch.Tensor) -> float:
+    logits = ((f - probe["mean"]) / probe["std"]) @ probe["W"] + probe["b"]
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
+    splits = load_data(cfg, ctx.device)
+    encoder = load_encoder(encoder_path(cfg)).to(ctx.device)
+    blocks = min(cfg.probe.probe_blocks, len(encoder.blocks))
+    feats = {s: extract_features(encoder, splits.split(s)[0], blocks) for s in ("train", "val", "test")}
+    metrics, probes = {"epoch": 1}, {}
+    for kind, col in (("cls", 0), ("multi", 1)):
+        probe = train_linear_probes(feats["train"][col], splits.train_y, feats["val"][col], splits.val_y,
+                                    len(splits.classes), cfg.probe, cfg.seed)
+        probes[kind] = probe
+        metrics.update({f"val_acc_{kind}": probe["val_acc"], f"weight_decay_{kind}": probe["weight_decay"],
+                        f"test_acc_{kind}": probe_accuracy(probe, feats["test"][col], splits.test_y)})
+    chosen = cfg.probe.features
+    metrics.update({"features": chosen, "val_acc": metrics[f"val_acc_{chosen}"], "test_acc": metrics[f"test_acc_{chosen}"]})
+    ctx.log("probe " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    report(metrics, {"best_state": {f"{k}.{n}": v for k, p in probes.items() for n, v in p.items()
+                                    if isinstance(v, torch.Tensor)}} if ctx.rank == 0 else None)
+    return metrics
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
+    load_data(cfg)
+    return launch("probe", "probe", worker, cfg, fresh)

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from raysslvit.errors import UserError
+from raysslvit.vit import Classifier, ViTConfig, VisionTransformer
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return VisionTransformer(ViTConfig(embed_dim=48, depth=3, num_heads=3)).eval()
+
+
+def test_shapes(model):
+    x = torch.randn(5, 3, 32, 32)
+    assert model.forward_features(x).shape == (5, 17, 48)
+    assert model(x).shape == (5, 48)
+    assert Classifier(model, 10)(x).shape == (5, 10)
+
+
+def test_feature_calls_agree(model):
+    """forward, forward_features, forward_head and forward_intermediates describe one computation."""
+    x = torch.randn(4, 3, 32, 32)
+    tokens = model.forward_features(x)
+    inter = model.forward_intermediates(x)
+    assert torch.allclose(inter["final"], tokens, atol=1e-6)
+    assert torch.allclose(model.norm(inter["blocks"][-1]), tokens, atol=1e-6)
+    assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+    assert torch.allclose(model(x), tokens[:, 0], atol=1e-6)
+    for i, blk in enumerate(model.blocks):
+        assert torch.allclose(blk(inter["inputs"][i]), inter["blocks"][i], atol=1e-6)
+        assert torch.allclose(blk.attn_out(inter["inputs"][i]), inter["attn"][i], atol=1e-6)
+        if i:
+            assert torch.equal(inter["inputs"][i], inter["blocks"][i - 1])
+    assert len(inter["blocks"]) == 3 and inter["attn"][0].shape == (4, 17, 48)
+
+
+def test_no_weight_decay_names_exist(model):
+    names = dict(model.named_parameters())
+    assert model.no_weight_decay() <= set(names)
+
+
+def test_bad_shapes_are_user_errors():
+    with pytest.raises(UserError, match="does not divide"):
+        ViTConfig(patch_size=5)
+    with pytest.raises(UserError, match="num_heads"):
+        ViTConfig(embed_dim=50, num_heads=4)
