@@ -8,7 +8,6 @@ import sys
 from raysslvit.config import SECTIONS, Config, build_config
 from raysslvit.errors import UserError
 
-PIPELINE = ("ssl", "probe", "finetune")
 COMMON = ("preset", "out", "seed", "num_workers", "use_gpu", "launcher", "max_failures", "checkpoint")
 
 
@@ -58,16 +57,19 @@ def config_from_args(args) -> Config:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from raysslvit.stages import STAGES
+        from raysslvit.stages import STAGES, run_study
 
         cfg = config_from_args(args)
-        stages = PIPELINE if args.stage == "run" else (args.stage,)
-        results = {}
-        for name in stages:
-            results[name] = STAGES[name][1](cfg, fresh=args.fresh)
-        if args.stage == "run":
-            print(f"probe test_acc {results['probe']['test_acc']:.4f} (CLS only {results['probe']['test_acc_cls']:.4f}); "
-                  f"finetune test_acc {results['finetune']['test_acc']:.4f}   results in {cfg.out_dir}/")
+        if args.stage != "run":
+            STAGES[args.stage][1](cfg, fresh=args.fresh)
+            return 0
+        r = run_study(cfg, fresh=args.fresh)
+        print(f"\nresults in {cfg.out_dir}/ (test split)\n"
+              f"  probe of M        test_acc {r['probe']['test_acc']:.4f}  (CLS only {r['probe']['test_acc_cls']:.4f})\n"
+              f"  probe of InfoNCE  test_acc {r['probe_ssl_infonce']['test_acc']:.4f}  "
+              f"(CLS only {r['probe_ssl_infonce']['test_acc_cls']:.4f})\n"
+              f"  fine-tuned        test_acc {r['finetune']['test_acc']:.4f}\n"
+              f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}", flush=True)
     except UserError as e:
         print(f"raysslvit: error: {e}", file=sys.stderr)
         return 2

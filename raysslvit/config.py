@@ -56,17 +56,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SSLConfig(TrainConfig):
-    objective: str = "masked_rotation"  # the study's task (see ssl.py)
+    objective: str = "masked_rotation"  # the study's task | infonce: the SimCLR baseline (see ssl.py)
     # No crop: the black border of a zero-padded crop, rotated with its patch, gives the angle away.
     crop_pad: int = 0
     subset_ratio: float = 0.5  # share of patches in set A
     mask_ratio: float = 0.5  # share of A blacked out; the rest of A is rotated
     recon_weight: float = 1.0  # lambda in CE + lambda * MSE
     norm_pix: bool = False  # reconstruct per-patch normalised pixels (MAE's norm_pix_loss)
+    temperature: float = 0.2  # infonce only
+    proj_dim: int = 128  # infonce only: projection head width
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.objective in ("masked_rotation",), f"unknown objective {self.objective!r}")
+        _check(self.objective in ("masked_rotation", "infonce"),
+               f"unknown objective {self.objective!r}: use masked_rotation or infonce")
+        _check(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
         _check(0 < self.subset_ratio <= 1, f"subset_ratio must be in (0, 1], got {self.subset_ratio}")
         _check(0 <= self.mask_ratio <= 1, f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         _check(self.recon_weight >= 0, f"recon_weight must be non-negative, got {self.recon_weight}")
@@ -79,7 +83,7 @@ class ProbeConfig:
     weight_decays: tuple = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # chosen on val
     epochs: int = 60
     batch_size: int = 2048
-    lr: float = 1e-3
+    lr: float = 3e-3  # val accuracy 0.441 against 0.425 at 1e-3 (3-epoch M, JPEG copy)
 
     def __post_init__(self):
         _check(self.features in ("cls", "multi"), f"unknown probe features {self.features!r}: use cls or multi")
@@ -106,6 +110,18 @@ class FinetuneConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class AnalyzeConfig:
+    before: str = ""  # default: this run's model M (<out>/ssl/model.pt)
+    after: str = ""  # default: this run's fine-tuned model (<out>/finetune/model.pt)
+    samples: tuple = ()  # test indices for the figures; default: 3 seeded, of different classes
+    batch_size: int = 1000
+
+    def __post_init__(self):
+        _check(self.batch_size >= 4, f"analyze batch_size must be at least 4, got {self.batch_size}")
+        _check(all(isinstance(i, int) and i >= 0 for i in self.samples), f"samples must be test indices, got {self.samples}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one run needs; saved as config.json beside every result."""
 
@@ -122,6 +138,7 @@ class Config:
     ssl: SSLConfig = field(default_factory=SSLConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
@@ -131,22 +148,26 @@ class Config:
 
     @property
     def out_dir(self) -> str:
-        return self.out or os.path.join("runs", self.preset)
+        return self.out or os.path.abspath(os.path.join("runs", self.preset))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ViTConfig, "ssl": SSLConfig, "probe": ProbeConfig, "finetune": FinetuneConfig}
+SECTIONS = {"data": DataConfig, "model": ViTConfig, "ssl": SSLConfig, "probe": ProbeConfig,
+            "finetune": FinetuneConfig, "analyze": AnalyzeConfig}
 
 PRESETS = {
-    # Embedded sample, tiny model: every stage in under a minute on a laptop CPU.
+    # Embedded sample, tiny model: every stage in under a minute on a laptop CPU. With the study's
+    # 4 rotated patches the rotation task only takes off after ~100k images; 12 rotated patches
+    # (subset 1.0, mask 0.25) make it learnable from 2,250 images in seconds.
     "smoke": {
         "data.data": "sample",
         "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2,
-        "ssl.epochs": 4, "ssl.batch_size": 128, "ssl.warmup_epochs": 1,
+        "ssl.epochs": 20, "ssl.batch_size": 64, "ssl.lr": 2e-3, "ssl.warmup_epochs": 1,
+        "ssl.subset_ratio": 1.0, "ssl.mask_ratio": 0.25,
         "probe.epochs": 30, "probe.batch_size": 512,
-        "finetune.epochs": 6, "finetune.batch_size": 128, "finetune.warmup_epochs": 1,
+        "finetune.epochs": 10, "finetune.batch_size": 128, "finetune.warmup_epochs": 1,
     },
     # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs (SSL 20, fine-tune 50).
     "cpu": {
@@ -175,7 +196,7 @@ def parse_value(cls, name: str, text: str):
             _check(text.lower() in ("true", "false", "1", "0"), f"{name} must be true or false, got {text!r}")
             return text.lower() in ("true", "1")
         if kind is tuple:
-            return tuple(float(v) for v in text.split(",") if v)
+            return tuple(int(v) if v.strip().isdigit() else float(v) for v in text.split(",") if v.strip())
         return kind(text)
     except ValueError:
         raise UserError(f"{name} must be a {kind.__name__}, got {text!r}") from None
@@ -195,6 +216,12 @@ def build_config(preset: str = "smoke", overrides: dict | None = None) -> Config
             top[name] = parse_value(Config, name, value)
     if sections["data"].get("data_dir"):
         sections["data"]["data"] = "dir"
+    # Ray workers run in another folder: paths are made absolute here, on the driver.
+    top["out"] = top.get("out") or os.path.join("runs", preset)
+    for where, name in ((sections["data"], "data_dir"), (sections["data"], "data_root"), (top, "out"),
+                        (top, "checkpoint"), (sections["analyze"], "before"), (sections["analyze"], "after")):
+        if where.get(name):
+            where[name] = os.path.abspath(os.path.expanduser(where[name]))
     built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
     return Config(**top, **built)
 

@@ -216,3 +216,33 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int, seed: int, dev
     per_rank = n // world
     shard = perm[rank * per_rank:(rank + 1) * per_rank].to(device)
     return list(shard.split(batch_size))
+
+
+def simclr_augment(x: torch.Tensor, min_scale: float = 0.25, generator: torch.Generator | None = None) -> torch.Tensor:
+    """SimCLR's views (Chen et al. 2020) for a whole uint8 batch: random resized crop and flip as one
+    affine resampling, colour jitter (p=0.8) and grayscale (p=0.2); returns normalised floats."""
+    B, C, H, W = x.shape
+    dev = x.device
+    u = lambda *shape: torch.rand(*shape, device=dev, generator=generator)
+    area = min_scale + (1 - min_scale) * u(B)
+    aspect = torch.exp((u(B) * 2 - 1) * 0.2877)  # log-uniform in (3/4, 4/3)
+    sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+    tx, ty = (u(B) * 2 - 1) * (1 - sx), (u(B) * 2 - 1) * (1 - sy)
+    flip = torch.where(u(B) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(B, device=dev)
+    theta = torch.stack([torch.stack([sx * flip, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)  # (B, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, (B, C, H, W), align_corners=False)
+    img = torch.nn.functional.grid_sample(x.float() / 255, grid, mode="bilinear", padding_mode="reflection",
+                                          align_corners=False)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+    gray = lambda t: (t * weights).sum(1, keepdim=True)
+    jitter = (u(B) < 0.8).view(B, 1, 1, 1)
+    brightness, contrast, saturation = (1 + (u(3, B, 1, 1, 1) * 2 - 1) * 0.4).unbind(0)
+    j = img * brightness
+    j = (j - gray(j).mean((2, 3), keepdim=True)) * contrast + gray(j).mean((2, 3), keepdim=True)
+    j = (j - gray(j)) * saturation + gray(j)
+    img = torch.where(jitter, j.clamp(0, 1), img)
+    img = torch.where((u(B) < 0.2).view(B, 1, 1, 1), gray(img).expand(-1, 3, -1, -1), img)
+    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+    return (img - mean) / std

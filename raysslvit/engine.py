@@ -131,7 +131,7 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
         ctx.log(f"{task.name} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
         state = {"model": base.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "best_state": best_state, "history": history}
+                 "best_state": best_state, "history": history, "model_config": base.encoder.cfg.to_dict()}
         if epoch + 1 == cfg.epochs:
             break
         report(metrics, state if ctx.rank == 0 else None)

@@ -7,17 +7,19 @@ A stage folder `<out>/<stage>/` holds `metrics.json`, `config.json`, `model.pt` 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Callable
 
 import torch
 
 from raysslvit.artifacts import provenance, read_json, save_torch, write_json
-from raysslvit.config import Config
+from raysslvit.config import SECTIONS, Config
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
 
@@ -26,10 +28,24 @@ WorkerFn = Callable[[Config, WorkerContext, Callable, "dict | None"], dict]
 
 
 def stage_fingerprint(cfg: Config, section: str) -> dict:
-    """What must match for a checkpoint or result to belong to this config."""
-    d = cfg.to_dict()
+    """What must match for a checkpoint or result to belong to this config (as JSON)."""
+    d = json.loads(json.dumps(cfg.to_dict()))
     return {"seed": d["seed"], "checkpoint": d["checkpoint"], "data": d["data"], "model": d["model"],
-            section: d.get(section)}
+            section: d[section]}
+
+
+def same_fingerprint(saved: dict | None, current: dict) -> bool:
+    """Equal, where a field that a saved result lacks (added to the config later) counts as its default."""
+    if saved is None or set(saved) != set(current):
+        return False
+    for key, value in current.items():
+        if isinstance(value, dict) and isinstance(saved[key], dict):
+            defaults = json.loads(json.dumps(asdict(SECTIONS[key]()))) if key in SECTIONS else {}
+            if any(saved[key].get(k, defaults.get(k)) != v for k, v in value.items()):
+                return False
+        elif saved[key] != value:
+            return False
+    return True
 
 
 def _write_checkpoint(directory: str, state: dict, meta: dict) -> None:
@@ -152,11 +168,11 @@ def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool 
     metrics_path = os.path.join(stage_dir, "metrics.json")
     if fresh:
         shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
-    elif os.path.exists(metrics_path) and read_json(os.path.join(stage_dir, "config.json")).get("fingerprint") == fingerprint:
+    elif os.path.exists(metrics_path) and same_fingerprint(read_json(os.path.join(stage_dir, "config.json")).get("fingerprint"), fingerprint):
         print(f"{stage}: done already in {stage_dir} (--fresh to redo)", flush=True)
         return read_json(metrics_path)
     resume = None if fresh else latest_checkpoint(stage_dir)
-    if resume and read_json(os.path.join(resume, "meta.json")).get("fingerprint") != fingerprint:
+    if resume and not same_fingerprint(read_json(os.path.join(resume, "meta.json")).get("fingerprint"), fingerprint):
         raise UserError(f"{resume} was written with a different config: use --fresh or another --out")
 
     meta = {"stage": stage, "fingerprint": fingerprint}
@@ -166,10 +182,12 @@ def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool 
         metrics, checkpoint = _run_ray(worker, cfg, stage_dir, meta, resume)
 
     state = load_state(checkpoint)
-    if state is not None:
+    if state is not None:  # the model config travels with the weights (fine-tuning keeps M's shape)
         save_torch(os.path.join(stage_dir, "model.pt"),
-                   {"stage": stage, "model_config": cfg.model.to_dict(), "state_dict": state["best_state"]})
+                   {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]})
     write_json(os.path.join(stage_dir, "config.json"),
                {"config": cfg.to_dict(), "fingerprint": fingerprint, "seed": cfg.seed, **provenance()})
     write_json(metrics_path, metrics)
+    print(f"{stage}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                  if k.startswith(("val_", "test_")) and isinstance(v, float)) + f"  -> {stage_dir}", flush=True)
     return metrics

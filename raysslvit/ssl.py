@@ -100,3 +100,31 @@ def masked_rotation_loss(rot_logits, rot_label, recon, target, recon_weight: flo
     ce = F.cross_entropy(rot_logits, rot_label)
     mse = F.mse_loss(recon, target) if target.numel() else rot_logits.new_zeros(())
     return ce + recon_weight * mse, {"rot_ce": ce.detach(), "recon_mse": mse.detach()}
+
+
+# --- The InfoNCE baseline the study compared against (SimCLR, Chen et al. 2020) -----------------
+
+
+class ContrastiveHeads(nn.Module):
+    """Encoder + projection MLP on the CLS output; the encoder is what gets probed."""
+
+    def __init__(self, encoder: nn.Module, proj_dim: int = 128):
+        super().__init__()
+        D = encoder.embed_dim
+        self.encoder = encoder
+        self.proj = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder(x))
+
+
+def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, dict]:
+    """NT-Xent: each view must pick its partner among the other 2B - 1 views of the batch.
+    Under DDP the negatives are the worker's own batch (no all-gather)."""
+    B = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)
+    loss = F.cross_entropy(sim, target)
+    return loss, {"pair_acc": (sim.argmax(1) == target).float().mean().detach()}

@@ -76,6 +76,10 @@ def test_missing_checkpoint(tmp_path):
     assert_one_line_error(cli("probe", "--checkpoint", str(tmp_path / "m.pt")), "checkpoint not found", "m.pt")
 
 
+def test_analyze_needs_both_models(tmp_path):
+    assert_one_line_error(cli("analyze", "--out", str(tmp_path / "out")), "checkpoint not found", "ssl")
+
+
 def test_unknown_flag_and_stage():
     assert_one_line_error(cli("ssl", "--no-such-flag", "1"), "unrecognized arguments")
     assert_one_line_error(cli("nonsense"), "invalid choice")

@@ -73,3 +73,15 @@ def test_shards_are_disjoint_and_equal():
     assert all(len(s) == 34 for s in shards)
     assert len(set(torch.cat(shards).tolist())) == 102
     assert torch.equal(torch.cat(shard_batches(103, 10, 0, 3, seed=5)), shards[0])  # seeded
+
+
+def test_simclr_views_are_batched_random_and_normalised():
+    from raysslvit.data import simclr_augment
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = simclr_augment(x, generator=torch.Generator().manual_seed(1))
+    b = simclr_augment(x, generator=torch.Generator().manual_seed(2))
+    again = simclr_augment(x, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (64, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, again) and not torch.allclose(a, b)
+    assert a.min() >= -2.1 and a.max() <= 2.2  # within the normalised range of [0, 1] pixels

@@ -74,3 +74,25 @@ def test_ssl_loss_falls_in_a_few_steps():
         losses.append(loss.item())
     assert set(parts) == {"rot_ce", "recon_mse"}
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_info_nce_prefers_matching_pairs_and_falls():
+    from raysslvit.ssl import ContrastiveHeads, info_nce_loss
+
+    z = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    matched, _ = info_nce_loss(z, z + 0.01, 0.2)
+    shuffled, parts = info_nce_loss(z, z.roll(1, 0), 0.2)
+    assert matched < shuffled and parts["pair_acc"] < 0.5
+    torch.manual_seed(0)
+    model = ContrastiveHeads(VisionTransformer(ViTConfig(embed_dim=32, depth=1, num_heads=2)), proj_dim=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randn(32, 3, 32, 32)
+    losses = []
+    for _ in range(20):
+        z1, z2 = model(torch.cat([x, x + 0.1 * torch.randn_like(x)])).chunk(2)
+        loss, _ = info_nce_loss(z1, z2, 0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

@@ -3,6 +3,7 @@ Ray, and in-process; learning tests check that accuracies really rise above chan
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ def smoke_run(tmp_path_factory, ray_local):
 
 
 def test_run_writes_every_stage(smoke_run):
-    for stage in ("ssl", "probe", "finetune"):
+    for stage in ("ssl", "probe", "finetune", "ssl_infonce", "probe_ssl_infonce"):
         folder = smoke_run / stage
         assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(folder))
         saved = read_json(folder / "config.json")
@@ -69,3 +70,21 @@ def test_local_launcher_runs_the_same_fit(tmp_path, smoke_run):
                                  "checkpoint": str(smoke_run / "ssl" / "model.pt")})
     p = probe.run(cfg)
     assert p["test_acc"] == p["test_acc_cls"]
+
+
+def test_analyze_measures_both_models(smoke_run):
+    m = read_json(smoke_run / "analyze" / "metrics.json")
+    for key in ("cka_before", "cka_after", "cka_block_before", "cka_block_after", "focus_entropy_before",
+                "focus_entropy_after", "top4_mass_before", "top4_mass_after"):
+        assert isinstance(m[key], float), key
+    assert 0 < m["cka_before"] <= 1 and 0.25 <= m["top4_mass_after"] <= 1
+    assert {"maps.png", "tokens.png", "cka.png", "arrays.npz"} <= set(os.listdir(smoke_run / "analyze"))
+    arrays = np.load(smoke_run / "analyze" / "arrays.npz")
+    assert arrays["maps_before"].shape == (3, 32, 32) and arrays["tokens_after"].shape == (3, 17, 17)
+    assert arrays["cka_layers_before"].shape == (2, 2) and len(set(m["samples"])) == 3
+
+
+def test_infonce_baseline_is_probed_like_m(smoke_run):
+    p = read_json(smoke_run / "probe_ssl_infonce" / "metrics.json")
+    assert {"val_acc", "test_acc", "test_acc_cls"} <= set(p) and p["test_acc"] > 0.15
+    assert "val_pair_acc" in read_json(smoke_run / "ssl_infonce" / "metrics.json")

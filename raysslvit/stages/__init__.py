@@ -1,9 +1,26 @@
-"""One module per stage; each has `worker` (runs on a Ray Train worker or in-process) and `run`."""
-from raysslvit.stages import finetune, probe, ssl
+"""One module per stage; each has `run(cfg, fresh)`; the trained ones also a `worker` (runs on a
+Ray Train worker or in-process). `run_study` chains them into the study."""
+import os
+from dataclasses import replace
+
+from raysslvit.config import Config
+from raysslvit.stages import analyze, finetune, probe, ssl
 
 # stage name -> (config section whose fields are its CLI flags, run function)
 STAGES = {
     "ssl": ("ssl", ssl.run),
     "probe": ("probe", probe.run),
     "finetune": ("finetune", finetune.run),
+    "analyze": ("analyze", analyze.run),
 }
+
+
+def run_study(cfg: Config, fresh: bool = False) -> dict:
+    """The whole study in order; finished stages are skipped, interrupted ones resume. Ends with
+    the InfoNCE baseline: the same encoder pretrained with SimCLR's objective, probed the same way."""
+    results = {name: STAGES[name][1](cfg, fresh) for name in ("ssl", "probe", "finetune", "analyze")}
+    baseline = replace(cfg, ssl=replace(cfg.ssl, objective="infonce"))
+    baseline = replace(baseline, checkpoint=os.path.join(cfg.out_dir, ssl.stage_name(baseline), "model.pt"))
+    results["ssl_infonce"] = ssl.run(baseline, fresh)
+    results["probe_ssl_infonce"] = probe.run(baseline, fresh)
+    return results

@@ -27,15 +27,25 @@ def encoder_path(cfg: Config, default_stage: str = "ssl") -> str:
     return path
 
 
+def read_checkpoint(path: str) -> dict:
+    """A raysslvit model.pt: {"stage", "model_config", "state_dict"}; a clear error otherwise."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        ViTConfig(**saved["model_config"]), saved["state_dict"], saved["stage"]
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"not a raysslvit checkpoint: {path} ({type(e).__name__})") from None
+    return saved
+
+
 def load_encoder(path: str, **changes) -> VisionTransformer:
     """The encoder of any raysslvit model.pt (its config travels with it), optionally reconfigured
     (e.g. drop_path for fine-tuning)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        cfg, state = ViTConfig(**saved["model_config"]), saved["state_dict"]
-    except Exception as e:
-        raise UserError(f"not a raysslvit checkpoint: {path} ({type(e).__name__})") from None
-    encoder = VisionTransformer(replace(cfg, **changes))
-    weights = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    saved = read_checkpoint(path)
+    encoder = VisionTransformer(replace(ViTConfig(**saved["model_config"]), **changes))
+    weights = {k.removeprefix("encoder."): v for k, v in saved["state_dict"].items() if k.startswith("encoder.")}
+    if not weights:
+        raise UserError(f"{path} holds no encoder (it is a {saved['stage']} result)")
     encoder.load_state_dict(weights)
     return encoder

@@ -14,7 +14,7 @@ from raysslvit.config import Config, ProbeConfig
 from raysslvit.data import normalize
 from raysslvit.engine import WorkerContext, lr_at, predict
 from raysslvit.launch import launch
-from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.stages.common import encoder_path, load_data, load_encoder, read_checkpoint
 from raysslvit.vit import VisionTransformer
 
 
@@ -85,12 +85,19 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     chosen = cfg.probe.features
     metrics.update({"features": chosen, "val_acc": metrics[f"val_acc_{chosen}"], "test_acc": metrics[f"test_acc_{chosen}"]})
     ctx.log("probe " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    report(metrics, {"best_state": {f"{k}.{n}": v for k, p in probes.items() for n, v in p.items()
-                                    if isinstance(v, torch.Tensor)}} if ctx.rank == 0 else None)
+    state = {"model_config": encoder.cfg.to_dict(),
+             "best_state": {f"{k}.{n}": v for k, p in probes.items() for n, v in p.items() if isinstance(v, torch.Tensor)}}
+    report(metrics, state if ctx.rank == 0 else None)
     return metrics
+
+
+def stage_name(cfg: Config) -> str:
+    """`probe` for model M; `probe_<stage>` for another encoder (e.g. probe_ssl_infonce)."""
+    source = read_checkpoint(encoder_path(cfg))["stage"]
+    return "probe" if source == "ssl" else f"probe_{source}"
 
 
 def run(cfg: Config, fresh: bool = False) -> dict:
     load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
     load_data(cfg)
-    return launch("probe", "probe", worker, cfg, fresh)
+    return launch(stage_name(cfg), "probe", worker, cfg, fresh)

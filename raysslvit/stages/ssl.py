@@ -1,13 +1,14 @@
-"""Stage 1: self-supervised pretraining of model M (masked + rotated patches)."""
+"""Stage 1: self-supervised pretraining of model M (masked + rotated patches), or of the InfoNCE
+baseline (`--objective infonce`, written to `<out>/ssl_infonce/`)."""
 from __future__ import annotations
 
 import torch
 
 from raysslvit.config import Config, SSLConfig
-from raysslvit.data import normalize
+from raysslvit.data import normalize, simclr_augment
 from raysslvit.engine import WorkerContext, fit
 from raysslvit.launch import launch
-from raysslvit.ssl import SSLHeads, corrupt, masked_rotation_loss, recon_targets
+from raysslvit.ssl import ContrastiveHeads, SSLHeads, corrupt, info_nce_loss, masked_rotation_loss, recon_targets
 from raysslvit.stages.common import load_data
 from raysslvit.vit import VisionTransformer
 
@@ -44,12 +45,46 @@ class MaskedRotationTask:
         return {}
 
 
+class InfoNCETask:
+    """SimCLR: two batched augmented views per image, NT-Xent on the projected CLS outputs."""
+
+    name, monitor = "ssl_infonce", None
+
+    def __init__(self, cfg: SSLConfig, encoder: VisionTransformer):
+        self.cfg, self.model = cfg, ContrastiveHeads(encoder, cfg.proj_dim)
+
+    def _loss(self, model, x, generator=None):
+        views = torch.cat([simclr_augment(x, generator=generator), simclr_augment(x, generator=generator)])
+        z1, z2 = model(views).chunk(2)
+        return info_nce_loss(z1, z2, self.cfg.temperature)
+
+    def loss(self, model, x, y):
+        return self._loss(model, x)
+
+    @torch.no_grad()
+    def evaluate(self, model, splits):
+        g = torch.Generator(device=splits.val_x.device).manual_seed(1234)
+        parts = [self._loss(model, splits.val_x[i:i + 512], g) for i in range(0, len(splits.val_x), 512)]
+        return {"val_infonce_loss": sum(float(l) for l, _ in parts) / len(parts),
+                "val_pair_acc": sum(float(p["pair_acc"]) for _, p in parts) / len(parts)}
+
+    def finish(self, model, splits):
+        return {}
+
+
+OBJECTIVES = {"masked_rotation": MaskedRotationTask, "infonce": InfoNCETask}
+
+
 def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     splits = load_data(cfg, ctx.device)
-    task = MaskedRotationTask(cfg.ssl, VisionTransformer(cfg.model))
+    task = OBJECTIVES[cfg.ssl.objective](cfg.ssl, VisionTransformer(cfg.model))
     return fit(task, splits, cfg.ssl, ctx, report, resume, seed=cfg.seed)
+
+
+def stage_name(cfg: Config) -> str:
+    return OBJECTIVES[cfg.ssl.objective].name
 
 
 def run(cfg: Config, fresh: bool = False) -> dict:
     load_data(cfg)  # bad data fails here, in one line, before any worker starts
-    return launch("ssl", "ssl", worker, cfg, fresh)
+    return launch(stage_name(cfg), "ssl", worker, cfg, fresh)

@@ -1,0 +1,1 @@
+"""Representation metrics: plain functions of tensors (CKA, token similarity)."""

@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from raysslvit.config import PRESETS, build_config, config_from_dict
+from raysslvit.errors import UserError
+
+
+def test_presets_build_and_round_trip_through_json():
+    for name in PRESETS:
+        cfg = build_config(name)
+        assert cfg.preset == name
+        assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_overrides_use_field_names_and_types():
+    cfg = build_config("cpu", {"ssl.mask_ratio": "0.75", "finetune.augment": "false", "seed": "3",
+                               "probe.weight_decays": "0,1e-3", "data.data_dir": "some/dir"})
+    assert cfg.ssl.mask_ratio == 0.75 and cfg.finetune.augment is False and cfg.seed == 3
+    assert cfg.probe.weight_decays == (0, 1e-3)
+    assert cfg.data.data == "dir" and cfg.data.data_dir.endswith("some/dir") and cfg.data.data_dir.startswith("/")
+    assert cfg.out_dir.endswith("runs/cpu")
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("ssl.subset_ratio", "1.5", "subset_ratio"),
+    ("ssl.mask_ratio", "-0.1", "mask_ratio"),
+    ("model.patch_size", "7", "does not divide"),
+    ("ssl.objective", "byol", "unknown objective"),
+    ("nosuch.field", "1", "unknown config section"),
+    ("ssl.nosuch", "1", "unknown config field"),
+    ("finetune.augment", "maybe", "true or false"),
+    ("data.val_fraction", "1", "val_fraction"),
+])
+def test_invalid_values_are_user_errors(key, value, needle):
+    with pytest.raises(UserError, match=needle):
+        build_config("smoke", {key: value})
