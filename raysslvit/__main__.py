@@ -69,6 +69,8 @@ def main(argv=None) -> int:
               f"  probe of InfoNCE  test_acc {r['probe_ssl_infonce']['test_acc']:.4f}  "
               f"(CLS only {r['probe_ssl_infonce']['test_acc_cls']:.4f})\n"
               f"  fine-tuned        test_acc {r['finetune']['test_acc']:.4f}\n"
+              f"  pseudo-video      test_acc {r['video_1']['test_acc']:.4f} (1 block)  {r['video_2']['test_acc']:.4f} (2)  "
+              f"{r['video_mean']['test_acc']:.4f} (mean)\n"
               f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}", flush=True)
     except UserError as e:
         print(f"raysslvit: error: {e}", file=sys.stderr)

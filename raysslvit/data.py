@@ -193,7 +193,10 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop with zero padding (pad > 0) and horizontal flip for a whole uint8 batch, no loop."""
+    """Random crop with zero padding (pad > 0) and horizontal flip for a whole uint8 batch, no loop.
+    Any leading shape works: clips (B, T, C, H, W) get an independent draw per frame."""
+    if x.dim() > 4:
+        return augment(x.flatten(0, -4), pad, generator).view(x.shape)
     B, C, H, W = x.shape
     flip = torch.rand(B, device=x.device, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -206,6 +209,48 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     b = torch.arange(B, device=x.device)[:, None, None, None]
     c = torch.arange(C, device=x.device)[None, :, None, None]
     return padded[b, c, rows, cols]
+
+
+class ClipSampler(torch.utils.data.Sampler):
+    """Same-class clips for pseudo-video: each item is `clip_len` distinct images of one class.
+
+    Per epoch (seeded, `set_epoch`) every class is shuffled and cut into clips, the remainder
+    dropped, so an image appears at most once; clips are interleaved round-robin over classes
+    in a shuffled class order, then dealt to ranks so Ray Train workers get disjoint clips.
+    """
+
+    def __init__(self, labels: torch.Tensor, clip_len: int = 16, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.labels, self.clip_len, self.seed, self.rank, self.world_size = labels.cpu(), clip_len, seed, rank, world_size
+        counts = torch.bincount(self.labels)
+        small = [(c, int(n)) for c, n in enumerate(counts) if 0 < n < clip_len]
+        if small:
+            raise UserError(f"class {small[0][0]} has {small[0][1]} images, fewer than one clip of {clip_len}")
+        self.epoch, self.total = 0, int((counts // clip_len).sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def clips(self) -> torch.Tensor:
+        """(clips of this rank, clip_len) image indices for the current epoch."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        classes = self.labels.unique()
+        class_rank = torch.empty(int(classes.max()) + 1, dtype=torch.long)
+        class_rank[classes] = torch.randperm(len(classes), generator=g)
+        clips, keys = [], []
+        for c in classes:  # one pass per class, not per image
+            idx = (self.labels == c).nonzero().squeeze(1)
+            k = len(idx) // self.clip_len
+            clips.append(idx[torch.randperm(len(idx), generator=g)][:k * self.clip_len].view(k, self.clip_len))
+            keys.append(torch.arange(k) * len(class_rank) + class_rank[c])  # round r, then class order
+        clips = torch.cat(clips)[torch.cat(keys).argsort()]
+        per_rank = len(clips) // self.world_size
+        return clips[self.rank::self.world_size][:per_rank]
+
+    def __iter__(self):
+        yield from self.clips().tolist()
+
+    def __len__(self) -> int:
+        return self.total // self.world_size
 
 
 def shard_batches(n: int, batch_size: int, rank: int, world: int, seed: int, device=None):

@@ -57,7 +57,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     """AdamW groups: no decay for biases, norms and `no_weight_decay()` names; with layer_decay < 1
     the lr shrinks geometrically from the head down to the patch embedding (BEiT, MAE)."""
     encoder = getattr(model, "encoder", model)
-    skip = {f"encoder.{n}" if encoder is not model else n for n in encoder.no_weight_decay()}
+    skip = {f"{prefix}.{n}".lstrip(".") for prefix, m in model.named_modules() if hasattr(m, "no_weight_decay")
+            for n in m.no_weight_decay()}
     depth = len(encoder.blocks)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
@@ -97,17 +98,23 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_s
 
 
 def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report: Callable[[dict, dict | None], None],
-        resume: dict | None = None, seed: int = 0, layer_decay: float = 1.0) -> dict:
-    """Train, evaluate every epoch, report; returns the final metrics (test at the best val epoch)."""
+        resume: dict | None = None, seed: int = 0, layer_decay: float = 1.0,
+        batcher: Callable[[int], list[torch.Tensor]] | None = None) -> dict:
+    """Train, evaluate every epoch, report; returns the final metrics (test at the best val epoch).
+
+    `batcher(epoch)` gives this rank's index batches into the train split (default: images; the
+    video stage gives (clips, T) index tensors); `cfg.batch_size` counts images across all ranks.
+    """
     torch.manual_seed(seed * 1000 + ctx.rank)
     model = ctx.prepare(task.model)
     base = unwrap(model)
     groups = param_groups(base, cfg.weight_decay, layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    global_batch = cfg.batch_size
-    local_batch = max(1, global_batch // ctx.world_size)
-    lr = cfg.lr * global_batch / 256
-    steps_per_epoch = len(shard_batches(len(splits.train_y), local_batch, ctx.rank, ctx.world_size, 0))
+    local_batch = max(1, cfg.batch_size // ctx.world_size)
+    batcher = batcher or (lambda epoch: shard_batches(len(splits.train_y), local_batch, ctx.rank, ctx.world_size,
+                                                      seed * 10007 + epoch, ctx.device))
+    lr = cfg.lr * cfg.batch_size / 256
+    steps_per_epoch = len(batcher(0))
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
 
     start, best, best_state, history = 0, -math.inf, None, []
@@ -119,7 +126,7 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        train = _train_epoch(task, model, opt, splits, cfg, ctx, epoch, steps_per_epoch, total, warmup, lr, seed)
+        train = _train_epoch(task, model, opt, splits, cfg, ctx, batcher(epoch), epoch * steps_per_epoch, total, warmup, lr)
         model.eval()
         with autocast(ctx.device):
             val = task.evaluate(base, splits)
@@ -143,13 +150,11 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
     return final
 
 
-def _train_epoch(task, model, opt, splits, cfg, ctx, epoch, steps_per_epoch, total, warmup, lr, seed) -> dict:
+def _train_epoch(task, model, opt, splits, cfg, ctx, batches, first_step, total, warmup, lr) -> dict:
     model.train()
     sums: dict[str, torch.Tensor] = {}
-    batches = shard_batches(len(splits.train_y), max(1, cfg.batch_size // ctx.world_size), ctx.rank,
-                            ctx.world_size, seed * 10007 + epoch, ctx.device)
     for i, idx in enumerate(batches):
-        step = epoch * steps_per_epoch + i
+        step = first_step + i
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, warmup, lr) * g["lr_scale"]
         x, y = splits.train_x[idx], splits.train_y[idx]

@@ -23,7 +23,7 @@ def smoke_run(tmp_path_factory, ray_local):
 
 
 def test_run_writes_every_stage(smoke_run):
-    for stage in ("ssl", "probe", "finetune", "ssl_infonce", "probe_ssl_infonce"):
+    for stage in ("ssl", "probe", "finetune", "ssl_infonce", "probe_ssl_infonce", "video_1", "video_2", "video_mean"):
         folder = smoke_run / stage
         assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(folder))
         saved = read_json(folder / "config.json")
@@ -88,3 +88,11 @@ def test_infonce_baseline_is_probed_like_m(smoke_run):
     p = read_json(smoke_run / "probe_ssl_infonce" / "metrics.json")
     assert {"val_acc", "test_acc", "test_acc_cls"} <= set(p) and p["test_acc"] > 0.15
     assert "val_pair_acc" in read_json(smoke_run / "ssl_infonce" / "metrics.json")
+
+
+def test_video_stages_write_their_keys(smoke_run):
+    for stage in ("video_1", "video_2", "video_mean"):
+        m = read_json(smoke_run / stage / "metrics.json")
+        assert {"val_acc", "test_acc", "train_acc", "best_val_epoch", "spatial_acc"} <= set(m), stage
+        assert 0 <= m["test_acc"] <= 1
+    assert read_json(smoke_run / "video_1" / "config.json")["config"]["video"]["st_blocks"] == 1

@@ -4,7 +4,7 @@ import os
 from dataclasses import replace
 
 from raysslvit.config import Config
-from raysslvit.stages import analyze, finetune, probe, ssl
+from raysslvit.stages import analyze, finetune, probe, ssl, video
 
 # stage name -> (config section whose fields are its CLI flags, run function)
 STAGES = {
@@ -12,13 +12,18 @@ STAGES = {
     "probe": ("probe", probe.run),
     "finetune": ("finetune", finetune.run),
     "analyze": ("analyze", analyze.run),
+    "video": ("video", video.run),
 }
 
 
 def run_study(cfg: Config, fresh: bool = False) -> dict:
-    """The whole study in order; finished stages are skipped, interrupted ones resume. Ends with
-    the InfoNCE baseline: the same encoder pretrained with SimCLR's objective, probed the same way."""
+    """The whole study in order; finished stages are skipped, interrupted ones resume: M, its probe,
+    fine-tuning, analysis, pseudo-video with one and two spatio-temporal blocks and the mean
+    baseline; then the InfoNCE baseline (SimCLR's objective, same encoder, probed the same way)."""
     results = {name: STAGES[name][1](cfg, fresh) for name in ("ssl", "probe", "finetune", "analyze")}
+    for change in ({"st_blocks": 1}, {"st_blocks": 2}, {"temporal": "mean"}):
+        variant = replace(cfg, video=replace(cfg.video, **change))
+        results[video.stage_name(variant)] = video.run(variant, fresh)
     baseline = replace(cfg, ssl=replace(cfg.ssl, objective="infonce"))
     baseline = replace(baseline, checkpoint=os.path.join(cfg.out_dir, ssl.stage_name(baseline), "model.pt"))
     results["ssl_infonce"] = ssl.run(baseline, fresh)

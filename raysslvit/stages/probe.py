@@ -1,9 +1,8 @@
 """Stage 2: linear probe of M's frozen encoder.
 
 Features are extracted once; linear classifiers for every weight decay of the grid train together
-as one batched problem, and val picks the decay. Two feature sets: the final CLS (the study's
-protocol, `test_acc_cls`) and, with `--features multi`, CLS and mean patch token of the last
-blocks concatenated (as DINO probes do); `test_acc` is the probe the config selects.
+as one batched problem, and val picks the decay. The final CLS is always probed (the study's
+protocol, `test_acc_cls`); `test_acc` is the probe of the feature set `--features` selects (FEATURES).
 """
 from __future__ import annotations
 
@@ -12,24 +11,35 @@ import torch.nn.functional as F
 
 from raysslvit.config import Config, ProbeConfig
 from raysslvit.data import normalize
-from raysslvit.engine import WorkerContext, lr_at, predict
+from raysslvit.engine import WorkerContext, lr_at
 from raysslvit.launch import launch
 from raysslvit.stages.common import encoder_path, load_data, load_encoder, read_checkpoint
 from raysslvit.vit import VisionTransformer
 
 
-@torch.no_grad()
-def extract_features(encoder: VisionTransformer, x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> (final CLS (n, D), [CLS, mean patch] of the last `blocks` blocks (n, 2*D*blocks))."""
-    def both(b):
-        out = encoder.forward_intermediates(normalize(b))
-        normed = [encoder.norm(t) for t in out["blocks"][-blocks:]]
-        multi = torch.cat([torch.cat([t[:, 0], t[:, 1:].mean(1)], dim=1) for t in normed], dim=1)
-        return torch.cat([out["final"][:, 0], multi], dim=1)
+def _multi(encoder, out, blocks):
+    normed = [encoder.norm(t) for t in out["blocks"][-blocks:]]
+    return torch.cat([torch.cat([t[:, 0], t[:, 1:].mean(1)], dim=1) for t in normed], dim=1)
 
+
+# feature set -> (encoder, forward_intermediates output, blocks) -> (B, d)
+FEATURES = {
+    "cls": lambda encoder, out, blocks: out["final"][:, 0],  # the study's protocol
+    "multi": _multi,  # CLS + mean patch token of the last `blocks` blocks (DINO)
+    "tokens": lambda encoder, out, blocks: out["final"].flatten(1),  # every final token, in place
+}
+
+
+@torch.no_grad()
+def extract_features(encoder: VisionTransformer, x: torch.Tensor, blocks: int, batch_size: int = 1024) -> dict:
+    """uint8 images -> {feature set: (n, d)} for every set of FEATURES, one forward pass per batch."""
     encoder.eval()
-    feats = predict(both, x)
-    return feats[:, :encoder.embed_dim], feats[:, encoder.embed_dim:]
+    sets: dict[str, list] = {name: [] for name in FEATURES}
+    for i in range(0, len(x), batch_size):
+        out = encoder.forward_intermediates(normalize(x[i:i + batch_size]))
+        for name, fn in FEATURES.items():
+            sets[name].append(fn(encoder, out, blocks).float())
+    return {name: torch.cat(parts) for name, parts in sets.items()}
 
 
 def train_linear_probes(train_f, train_y, val_f, val_y, num_classes: int, cfg: ProbeConfig, seed: int = 0) -> dict:
@@ -76,12 +86,12 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     blocks = min(cfg.probe.probe_blocks, len(encoder.blocks))
     feats = {s: extract_features(encoder, splits.split(s)[0], blocks) for s in ("train", "val", "test")}
     metrics, probes = {"epoch": 1}, {}
-    for kind, col in (("cls", 0), ("multi", 1)):
-        probe = train_linear_probes(feats["train"][col], splits.train_y, feats["val"][col], splits.val_y,
+    for kind in dict.fromkeys(("cls", cfg.probe.features)):  # the study's CLS probe, and the chosen one
+        probe = train_linear_probes(feats["train"][kind], splits.train_y, feats["val"][kind], splits.val_y,
                                     len(splits.classes), cfg.probe, cfg.seed)
         probes[kind] = probe
         metrics.update({f"val_acc_{kind}": probe["val_acc"], f"weight_decay_{kind}": probe["weight_decay"],
-                        f"test_acc_{kind}": probe_accuracy(probe, feats["test"][col], splits.test_y)})
+                        f"test_acc_{kind}": probe_accuracy(probe, feats["test"][kind], splits.test_y)})
     chosen = cfg.probe.features
     metrics.update({"features": chosen, "val_acc": metrics[f"val_acc_{chosen}"], "test_acc": metrics[f"test_acc_{chosen}"]})
     ctx.log("probe " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

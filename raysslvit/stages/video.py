@@ -1,0 +1,77 @@
+"""Stage 6: pseudo-video. Clips of 16 same-class train images train the factorised spatio-temporal
+model (M's encoder per frame, a temporal transformer over the frame CLS tokens); every single val /
+test image is then classified as a static clip of 16 equal frames.
+
+Writes `<out>/video_<K>/` (K spatio-temporal blocks) or `<out>/video_mean/` (the average baseline).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raysslvit.config import Config, VideoConfig
+from raysslvit.data import ClipSampler, normalize
+from raysslvit.engine import WorkerContext, fit, predict
+from raysslvit.launch import launch
+from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.video import VideoTransformer
+
+
+def stage_name(cfg: Config) -> str:
+    return "video_mean" if cfg.video.temporal == "mean" else f"video_{cfg.video.st_blocks}"
+
+
+def static_accuracy(model: VideoTransformer, x: torch.Tensor, y: torch.Tensor, clip_len: int) -> float:
+    logits = predict(lambda b: model.forward_static(normalize(b), clip_len), x)
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+class ClipTask:
+    """Cross-entropy on clip labels; val accuracy of static clips (the test protocol) picks the epoch."""
+
+    monitor = "val_acc"
+
+    def __init__(self, cfg: VideoConfig, model: VideoTransformer, name: str):
+        self.cfg, self.model, self.name = cfg, model, name
+
+    def loss(self, model, x, y):  # x: (B, T, 3, H, W) uint8, y: (B, T), one class per clip
+        logits = model(normalize(x)).float()
+        loss = F.cross_entropy(logits, y[:, 0], label_smoothing=self.cfg.label_smoothing)
+        return loss, {"acc": (logits.argmax(1) == y[:, 0]).float().mean().detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model, splits):
+        clips = ClipSampler(splits.val_y, self.cfg.clip_len, seed=1234).clips().to(splits.val_x.device)
+        logits = predict(lambda c: model(normalize(splits.val_x[c])), clips, batch_size=64)
+        return {"val_acc": static_accuracy(model, splits.val_x, splits.val_y, self.cfg.clip_len),
+                "val_clip_acc": (logits.argmax(1) == splits.val_y[clips[:, 0]]).float().mean().item()}
+
+    @torch.no_grad()
+    def finish(self, model, splits):
+        n = len(splits.val_y)  # a train subset as large as val, for the train/val gap
+        one_frame = predict(lambda b: model.forward_static(normalize(b), 1), splits.test_x)
+        return {"test_acc": static_accuracy(model, splits.test_x, splits.test_y, self.cfg.clip_len),
+                "train_acc": static_accuracy(model, splits.train_x[:n], splits.train_y[:n], self.cfg.clip_len),
+                "spatial_acc": (one_frame.argmax(1) == splits.test_y).float().mean().item()}
+
+
+def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
+    v = cfg.video
+    splits = load_data(cfg, ctx.device)
+    encoder = load_encoder(encoder_path(cfg), drop_path=v.drop_path)
+    model = VideoTransformer(encoder, len(splits.classes), v.clip_len, v.st_blocks, v.temporal)
+    sampler = ClipSampler(splits.train_y, v.clip_len, cfg.seed, ctx.rank, ctx.world_size)
+    clips_per_step = max(1, v.batch_size // v.clip_len // ctx.world_size)
+
+    def batcher(epoch: int) -> list[torch.Tensor]:
+        sampler.set_epoch(epoch)
+        return list(sampler.clips().to(ctx.device).split(clips_per_step))
+
+    task = ClipTask(v, model, stage_name(cfg))
+    return fit(task, splits, v, ctx, report, resume, seed=cfg.seed, layer_decay=v.layer_decay, batcher=batcher)
+
+
+def run(cfg: Config, fresh: bool = False) -> dict:
+    load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
+    ClipSampler(load_data(cfg).train_y, cfg.video.clip_len)  # a class too small for one clip, likewise
+    return launch(stage_name(cfg), "video", worker, cfg, fresh)

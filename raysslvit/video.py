@@ -1,0 +1,61 @@
+"""Factorised spatio-temporal model for pseudo-videos (ViViT model 2, Arnab et al. 2021).
+
+A clip is T images of one class. The spatial encoder (model M) runs on every frame and keeps only
+each frame's CLS output; a temporal transformer with its own CLS token and position embedding runs
+over those T tokens; a linear head classifies the temporal CLS. Spatial and temporal blocks both
+start from M's weights. `temporal="mean"` averages the frame tokens instead (ViViT's baseline).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from raysslvit.vit import VisionTransformer
+
+
+class VideoTransformer(nn.Module):
+    def __init__(self, encoder: VisionTransformer, num_classes: int, clip_len: int = 16, st_blocks: int = 1,
+                 temporal: str = "transformer"):
+        super().__init__()
+        assert temporal in ("transformer", "mean"), temporal
+        D, depth = encoder.embed_dim, len(encoder.blocks)
+        self.encoder = encoder
+        self.temporal = temporal
+        # Temporal block i starts as a copy of M's block (depth - K + i): the last K blocks, in order.
+        n = st_blocks if temporal == "transformer" else 0
+        self.temporal_blocks = nn.ModuleList(copy.deepcopy(encoder.blocks[(depth - n + i) % depth]) for i in range(n))
+        self.temporal_cls = nn.Parameter(encoder.cls_token.detach().clone())  # (1, 1, D), from M
+        self.temporal_pos = nn.Parameter(torch.zeros(1, clip_len + 1, D))
+        nn.init.trunc_normal_(self.temporal_pos, std=0.02)
+        self.temporal_norm = copy.deepcopy(encoder.norm)
+        self.head = nn.Linear(D, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"temporal_cls", "temporal_pos"}
+
+    def frame_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) normalised frames -> (B, T, D) frame CLS outputs of the spatial encoder."""
+        B, T = clips.shape[:2]
+        return self.encoder(clips.flatten(0, 1)).view(B, T, -1)
+
+    def forward_temporal(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) frame tokens -> (B, num_classes) logits."""
+        if self.temporal == "mean":
+            return self.head(frames.mean(1))
+        B, T, D = frames.shape
+        x = torch.cat([self.temporal_cls.expand(B, -1, -1), frames], dim=1) + self.temporal_pos[:, :T + 1]
+        for blk in self.temporal_blocks:
+            x = blk(x)
+        return self.head(self.temporal_norm(x[:, 0]))
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.forward_temporal(self.frame_features(clips))
+
+    def forward_static(self, images: torch.Tensor, clip_len: int) -> torch.Tensor:
+        """Each image as a static clip of `clip_len` equal frames: the spatial encoder runs once per
+        image (its output would be identical for every frame) and its CLS is repeated."""
+        return self.forward_temporal(self.encoder(images)[:, None].expand(-1, clip_len, -1))
