@@ -20,8 +20,7 @@ def _add_fields(parser, cls, prefix: str, names=None):
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
-        flag = "--" + ("data" if f.name == "data" and cls.__name__ == "DataConfig" else f.name).replace("_", "-")
-        parser.add_argument(flag, dest=prefix + f.name, default=None, metavar=f.name.upper(),
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=prefix + f.name, default=None, metavar=f.name.upper(),
                             help=f"(default: {f.default})" if f.default is not dataclasses.MISSING else None)
 
 
@@ -35,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         own = [] if name == "run" else [f.name for f in dataclasses.fields(SECTIONS[STAGES[name][0]])]
         _add_fields(p, Config, "", COMMON)
         _add_fields(p, SECTIONS["data"], "data.")
-        _add_fields(p, SECTIONS["model"], "model.", [f.name for f in dataclasses.fields(SECTIONS["model"]) if f.name not in own])
-        if name != "run":  # a stage's own field wins over a model field of the same name (drop_path)
+        if name in ("run", "ssl"):  # later stages take the model shape from their checkpoint
+            _add_fields(p, SECTIONS["model"], "model.", [f.name for f in dataclasses.fields(SECTIONS["model"]) if f.name not in own])
+        if name != "run":
             _add_fields(p, SECTIONS[STAGES[name][0]], f"{STAGES[name][0]}.")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="any config field, e.g. --set finetune.epochs=10")

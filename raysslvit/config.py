@@ -100,7 +100,9 @@ class FinetuneConfig(TrainConfig):
     epochs: int = 50
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
-    layer_decay: float = 0.75  # lr multiplier per block below the head (BEiT / MAE fine-tuning)
+    # lr multiplier per block below the head (BEiT / MAE). 0.75 held M's weak lower layers back:
+    # val accuracy at epoch 8 of 50 was 0.536 with 0.75 and 0.551 with 1.0 (cpu preset, JPEG copy).
+    layer_decay: float = 1.0
     drop_path: float = 0.1
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of pairs within a batch; 0 turns it off
 

@@ -185,11 +185,16 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> torc
 # Batched, on-device operations
 
 
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1], (..., 3, H, W) -> standardised per channel."""
+    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, standardised per channel."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
+    """uint8 images (..., 3, H, W) -> float, standardised per channel."""
+    return standardize(x.float() / 255)
 
 
 def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -288,6 +293,4 @@ def simclr_augment(x: torch.Tensor, min_scale: float = 0.25, generator: torch.Ge
     j = (j - gray(j)) * saturation + gray(j)
     img = torch.where(jitter, j.clamp(0, 1), img)
     img = torch.where((u(B) < 0.2).view(B, 1, 1, 1), gray(img).expand(-1, 3, -1, -1), img)
-    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
-    return (img - mean) / std
+    return standardize(img)

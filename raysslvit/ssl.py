@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raysslvit.data import MEAN, STD
+from raysslvit.data import normalize
 
 
 @dataclass
@@ -70,9 +70,7 @@ def corrupt(x: torch.Tensor, patch_size: int = 8, subset_ratio: float = 0.5, mas
 
 def recon_targets(targets: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:
     """uint8 (B, M, C, p, p) -> float (B, M, C*p*p) in normalised pixel space (optionally per patch)."""
-    mean = torch.tensor(MEAN, device=targets.device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(STD, device=targets.device).view(1, 1, 3, 1, 1)
-    t = ((targets.float() / 255 - mean) / std).flatten(2)
+    t = normalize(targets).flatten(2)
     if norm_pix:
         t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
     return t

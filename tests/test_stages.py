@@ -10,16 +10,31 @@ import torch
 from raysslvit.__main__ import main
 from raysslvit.artifacts import read_json
 from raysslvit.config import build_config
-from raysslvit.stages import finetune, probe, ssl
+from raysslvit.stages import finetune, probe, ssl, video
 from raysslvit.stages.common import load_encoder
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, ray_local):
-    """`python -m raysslvit run` on the smoke preset, every stage a TorchTrainer run."""
+def smoke_run(tmp_path_factory):
+    """`python -m raysslvit run` on the smoke preset, in-process (the Ray tests below reuse its M)."""
     out = tmp_path_factory.mktemp("smoke")
-    assert main(["run", "--out", str(out)]) == 0
+    assert main(["run", "--out", str(out), "--launcher", "local"]) == 0
     return out
+
+
+def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local):
+    cfg = build_config("smoke", {"out": str(tmp_path), "ssl.epochs": 2})
+    metrics = ssl.run(cfg)
+    assert len(metrics["history"]) == 2 and 0 <= metrics["val_rotation_acc"] <= 1
+    assert os.listdir(tmp_path / "ssl" / "checkpoints")[0].startswith("ray-")
+    assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(tmp_path / "ssl"))
+
+
+def test_video_through_a_real_torchtrainer(tmp_path, smoke_run, ray_local):
+    cfg = build_config("smoke", {"out": str(tmp_path), "checkpoint": str(smoke_run / "ssl" / "model.pt"),
+                                 "video.epochs": 1, "video.st_blocks": 2})
+    metrics = video.run(cfg)
+    assert 0 <= metrics["test_acc"] <= 1 and os.listdir(tmp_path / "video_2" / "checkpoints")[0].startswith("ray-")
 
 
 def test_run_writes_every_stage(smoke_run):
@@ -50,7 +65,8 @@ def test_finetune_starts_from_model_m(smoke_run):
     m = load_encoder(str(smoke_run / "ssl" / "model.pt"))
     saved = torch.load(smoke_run / "finetune" / "model.pt", weights_only=False)
     assert set(saved["state_dict"]) >= {"head.weight", "encoder.pos_embed"}
-    assert saved["model_config"] == m.cfg.to_dict()
+    shape = lambda c: {k: v for k, v in c.items() if k != "drop_path"}  # fine-tuning adds stochastic depth
+    assert shape(saved["model_config"]) == shape(m.cfg.to_dict()) and saved["model_config"]["drop_path"] == 0.1
 
 
 def test_a_finished_stage_is_skipped(smoke_run, capsys):

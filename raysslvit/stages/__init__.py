@@ -17,15 +17,16 @@ STAGES = {
 
 
 def run_study(cfg: Config, fresh: bool = False) -> dict:
-    """The whole study in order; finished stages are skipped, interrupted ones resume: M, its probe,
-    fine-tuning, analysis, pseudo-video with one and two spatio-temporal blocks and the mean
-    baseline; then the InfoNCE baseline (SimCLR's objective, same encoder, probed the same way)."""
-    results = {name: STAGES[name][1](cfg, fresh) for name in ("ssl", "probe", "finetune", "analyze")}
-    for change in ({"st_blocks": 1}, {"st_blocks": 2}, {"temporal": "mean"}):
-        variant = replace(cfg, video=replace(cfg.video, **change))
-        results[video.stage_name(variant)] = video.run(variant, fresh)
+    """The whole study in order; finished stages are skipped, interrupted ones resume: M and its
+    probe, the InfoNCE baseline (SimCLR's objective, same encoder, probed the same way),
+    fine-tuning, analysis, pseudo-video with one and two spatio-temporal blocks and the mean baseline."""
+    results = {name: STAGES[name][1](cfg, fresh) for name in ("ssl", "probe")}
     baseline = replace(cfg, ssl=replace(cfg.ssl, objective="infonce"))
     baseline = replace(baseline, checkpoint=os.path.join(cfg.out_dir, ssl.stage_name(baseline), "model.pt"))
     results["ssl_infonce"] = ssl.run(baseline, fresh)
     results["probe_ssl_infonce"] = probe.run(baseline, fresh)
+    results.update({name: STAGES[name][1](cfg, fresh) for name in ("finetune", "analyze")})
+    for change in ({"st_blocks": 1}, {"st_blocks": 2}, {"temporal": "mean"}):
+        variant = replace(cfg, video=replace(cfg.video, **change))
+        results[video.stage_name(variant)] = video.run(variant, fresh)
     return results
