@@ -97,6 +97,11 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_s
     return torch.cat([fn(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
 
 
+def accuracy(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of `fn` (uint8 images -> logits), applied in batches."""
+    return (predict(fn, x).argmax(1) == y).float().mean().item()
+
+
 def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report: Callable[[dict, dict | None], None],
         resume: dict | None = None, seed: int = 0, layer_decay: float = 1.0,
         batcher: Callable[[int], list[torch.Tensor]] | None = None) -> dict:

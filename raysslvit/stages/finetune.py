@@ -6,15 +6,10 @@ import torch.nn.functional as F
 
 from raysslvit.config import Config, FinetuneConfig
 from raysslvit.data import normalize
-from raysslvit.engine import WorkerContext, fit, predict
+from raysslvit.engine import WorkerContext, accuracy, fit
 from raysslvit.launch import launch
 from raysslvit.stages.common import encoder_path, load_data, load_encoder
 from raysslvit.vit import Classifier
-
-
-def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    logits = predict(lambda b: model(normalize(b)), x)
-    return (logits.argmax(1) == y).float().mean().item()
 
 
 class ClassificationTask:
@@ -38,12 +33,13 @@ class ClassificationTask:
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
 
     def evaluate(self, model, splits):
-        return {"val_acc": accuracy(model, splits.val_x, splits.val_y)}
+        return {"val_acc": accuracy(lambda b: model(normalize(b)), splits.val_x, splits.val_y)}
 
     def finish(self, model, splits):
         n = len(splits.val_y)  # a train subset as large as val, for the train/val gap
-        return {"test_acc": accuracy(model, splits.test_x, splits.test_y),
-                "train_acc": accuracy(model, splits.train_x[:n], splits.train_y[:n])}
+        classify = lambda b: model(normalize(b))
+        return {"test_acc": accuracy(classify, splits.test_x, splits.test_y),
+                "train_acc": accuracy(classify, splits.train_x[:n], splits.train_y[:n])}
 
 
 def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:

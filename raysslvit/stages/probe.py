@@ -31,14 +31,15 @@ FEATURES = {
 
 
 @torch.no_grad()
-def extract_features(encoder: VisionTransformer, x: torch.Tensor, blocks: int, batch_size: int = 1024) -> dict:
-    """uint8 images -> {feature set: (n, d)} for every set of FEATURES, one forward pass per batch."""
+def extract_features(encoder: VisionTransformer, x: torch.Tensor, blocks: int, names=tuple(FEATURES),
+                     batch_size: int = 1024) -> dict:
+    """uint8 images -> {feature set: (n, d)} for the named sets of FEATURES, one forward pass per batch."""
     encoder.eval()
-    sets: dict[str, list] = {name: [] for name in FEATURES}
+    sets: dict[str, list] = {name: [] for name in names}
     for i in range(0, len(x), batch_size):
         out = encoder.forward_intermediates(normalize(x[i:i + batch_size]))
-        for name, fn in FEATURES.items():
-            sets[name].append(fn(encoder, out, blocks).float())
+        for name in names:
+            sets[name].append(FEATURES[name](encoder, out, blocks).float())
     return {name: torch.cat(parts) for name, parts in sets.items()}
 
 
@@ -84,9 +85,10 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     splits = load_data(cfg, ctx.device)
     encoder = load_encoder(encoder_path(cfg)).to(ctx.device)
     blocks = min(cfg.probe.probe_blocks, len(encoder.blocks))
-    feats = {s: extract_features(encoder, splits.split(s)[0], blocks) for s in ("train", "val", "test")}
+    kinds = tuple(dict.fromkeys(("cls", cfg.probe.features)))  # the study's CLS probe, and the chosen one
+    feats = {s: extract_features(encoder, splits.split(s)[0], blocks, kinds) for s in ("train", "val", "test")}
     metrics, probes = {"epoch": 1}, {}
-    for kind in dict.fromkeys(("cls", cfg.probe.features)):  # the study's CLS probe, and the chosen one
+    for kind in kinds:
         probe = train_linear_probes(feats["train"][kind], splits.train_y, feats["val"][kind], splits.val_y,
                                     len(splits.classes), cfg.probe, cfg.seed)
         probes[kind] = probe
