@@ -52,8 +52,14 @@ class VideoTransformer(nn.Module):
             x = blk(x)
         return self.head(self.temporal_norm(x[:, 0]))
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.forward_temporal(self.frame_features(clips))
+    def forward(self, clips: torch.Tensor, with_frames: bool = False):
+        """Clip logits (B, classes); with_frames: also every frame's logits (B, T, classes), each frame
+        through the temporal path as a one-frame clip (what `forward_static(x, 1)` computes)."""
+        frames = self.frame_features(clips)
+        logits = self.forward_temporal(frames)
+        if not with_frames:
+            return logits
+        return logits, self.forward_temporal(frames.flatten(0, 1)[:, None]).view(*frames.shape[:2], -1)
 
     def forward_static(self, images: torch.Tensor, clip_len: int) -> torch.Tensor:
         """Each image as a static clip of `clip_len` equal frames: the spatial encoder runs once per

@@ -59,12 +59,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """All tokens attend to all; with `queries`, only the first `queries` tokens are computed
+        (every token still a key and value): (B, queries, C)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, N, hs)
+        if queries is not None:
+            q = q[:, :, :queries]
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
 class Mlp(nn.Module):
@@ -111,6 +115,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_out(self.attn_out(x))
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output at the CLS token alone (B, 1, D): all tokens are keys and values, but
+        only CLS is a query and goes through the MLP, the other tokens' outputs are never computed."""
+        return self.mlp_out(x[:, :1] + self.drop_path(self.attn(self.norm1(x), queries=1)))
 
 
 class VisionTransformer(nn.Module):
@@ -180,8 +189,17 @@ class VisionTransformer(nn.Module):
         cls = tokens[:, 0]
         return cls if pre_logits or head is None else head(cls)
 
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The normed CLS output (B, D), equal to `forward_features(x)[:, 0]` but cheaper: the last
+        block computes CLS only, which saves most of that block (about 1/depth of the encoder)."""
+        x = self.embed(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.norm(self.blocks[-1].forward_cls(x)[:, 0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x), pre_logits=True)
+        """The CLS output, what classifiers and the video model's frames use."""
+        return self.forward_cls(x)
 
 
 class Classifier(nn.Module):
@@ -195,4 +213,4 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_head(self.encoder.forward_features(x), self.head)
+        return self.head(self.encoder.forward_cls(x))

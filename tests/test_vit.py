@@ -35,6 +35,17 @@ def test_feature_calls_agree(model):
     assert len(inter["blocks"]) == 3 and inter["attn"][0].shape == (4, 17, 48)
 
 
+def test_cls_shortcut_equals_the_full_forward_and_its_gradients(model):
+    """forward_cls skips the last block's non-CLS outputs; logits and every gradient stay the same."""
+    x = torch.randn(6, 3, 32, 32)
+    clf = Classifier(model, 10)
+    full = clf.head(model.forward_features(x)[:, 0])
+    fast = clf(x)
+    assert torch.allclose(fast, full, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), list(clf.parameters())) for out in (full, fast)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+
+
 def test_no_weight_decay_names_exist(model):
     names = dict(model.named_parameters())
     assert model.no_weight_decay() <= set(names)

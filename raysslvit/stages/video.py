@@ -27,7 +27,9 @@ def static_accuracy(model: VideoTransformer, x: torch.Tensor, y: torch.Tensor, c
 
 
 class ClipTask:
-    """Cross-entropy on clip labels; val accuracy of static clips (the test protocol) picks the epoch."""
+    """Cross-entropy on clip labels, plus `frame_loss` x cross-entropy of every frame classified as a
+    one-frame clip (deep supervision: 16 labels per clip reach the spatial encoder instead of one);
+    val accuracy of static clips (the test protocol) picks the epoch."""
 
     monitor = "val_acc"
 
@@ -35,8 +37,15 @@ class ClipTask:
         self.cfg, self.model, self.name = cfg, model, name
 
     def loss(self, model, x, y):  # x: (B, T, 3, H, W) uint8, y: (B, T), one class per clip
-        logits = model(normalize(x)).float()
-        loss = F.cross_entropy(logits, y[:, 0], label_smoothing=self.cfg.label_smoothing)
+        smooth = self.cfg.label_smoothing
+        if self.cfg.frame_loss == 0:
+            logits = model(normalize(x)).float()
+            loss = F.cross_entropy(logits, y[:, 0], label_smoothing=smooth)
+        else:
+            logits, frames = model(normalize(x), with_frames=True)
+            logits = logits.float()
+            loss = (F.cross_entropy(logits, y[:, 0], label_smoothing=smooth)
+                    + self.cfg.frame_loss * F.cross_entropy(frames.flatten(0, 1).float(), y.flatten(), label_smoothing=smooth))
         return loss, {"acc": (logits.argmax(1) == y[:, 0]).float().mean().detach()}
 
     @torch.no_grad()
