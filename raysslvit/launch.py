@@ -99,11 +99,13 @@ def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume
 
 
 def _quiet_ray_reports() -> None:
-    """Ray Train logs every report with its full metrics; keep the console to our one line per epoch.
-    (Its reporting module names its logger by file path, so the name is looked up, not typed.)"""
-    from ray.train.v2._internal.execution import context
+    """Ray Train logs every report with its full metrics and every checkpoint with its path; keep the
+    console to our one line per epoch. (Its reporting module names its logger by file path, so that
+    name is looked up, not typed.)"""
+    from ray.train.v2._internal.execution import context, storage
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
 def _ray_worker(loop_config: dict) -> None:

@@ -1,8 +1,9 @@
 """Pre-norm Vision Transformer (Dosovitskiy et al. 2021) with a timm-like feature API.
 
 Reads top to bottom: Attention -> Mlp -> Block -> VisionTransformer. Every consumer (probe,
-fine-tune, video, fusion, analysis) goes through `forward_features`, `forward_intermediates`
-and `forward_head`; none reaches into the blocks.
+fine-tune, video, fusion, analysis) goes through `forward_features`, `forward_intermediates`,
+`forward_head` and `forward_cls` (the CLS output alone, computed without the last block's other
+tokens); none reaches into the blocks.
 """
 from __future__ import annotations
 

@@ -37,15 +37,13 @@ class ClipTask:
         self.cfg, self.model, self.name = cfg, model, name
 
     def loss(self, model, x, y):  # x: (B, T, 3, H, W) uint8, y: (B, T), one class per clip
-        smooth = self.cfg.label_smoothing
+        ce = lambda logits, t: F.cross_entropy(logits.float(), t, label_smoothing=self.cfg.label_smoothing)
         if self.cfg.frame_loss == 0:
-            logits = model(normalize(x)).float()
-            loss = F.cross_entropy(logits, y[:, 0], label_smoothing=smooth)
+            logits = model(normalize(x))
+            loss = ce(logits, y[:, 0])
         else:
-            logits, frames = model(normalize(x), with_frames=True)
-            logits = logits.float()
-            loss = (F.cross_entropy(logits, y[:, 0], label_smoothing=smooth)
-                    + self.cfg.frame_loss * F.cross_entropy(frames.flatten(0, 1).float(), y.flatten(), label_smoothing=smooth))
+            logits, frames = model(normalize(x), with_frames=True)  # frames: (B, T, classes)
+            loss = ce(logits, y[:, 0]) + self.cfg.frame_loss * ce(frames.flatten(0, 1), y.flatten())
         return loss, {"acc": (logits.argmax(1) == y[:, 0]).float().mean().detach()}
 
     @torch.no_grad()
