@@ -108,8 +108,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def attn_out(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.attn(self.norm1(x)))
+    def attn_out(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The stream after attention; with `queries`, only at the first `queries` tokens."""
+        return x[:, :queries] + self.drop_path(self.attn(self.norm1(x), queries))
 
     def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -120,7 +121,7 @@ class Block(nn.Module):
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output at the CLS token alone (B, 1, D): all tokens are keys and values, but
         only CLS is a query and goes through the MLP, the other tokens' outputs are never computed."""
-        return self.mlp_out(x[:, :1] + self.drop_path(self.attn(self.norm1(x), queries=1)))
+        return self.mlp_out(self.attn_out(x, queries=1))
 
 
 class VisionTransformer(nn.Module):

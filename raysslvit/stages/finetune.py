@@ -32,14 +32,17 @@ class ClassificationTask:
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         return loss, {"acc": (logits.argmax(1) == y).float().mean().detach()}
 
+    @staticmethod
+    def _accuracy(model, x, y) -> float:
+        return accuracy(lambda b: model(normalize(b)), x, y)
+
     def evaluate(self, model, splits):
-        return {"val_acc": accuracy(lambda b: model(normalize(b)), splits.val_x, splits.val_y)}
+        return {"val_acc": self._accuracy(model, splits.val_x, splits.val_y)}
 
     def finish(self, model, splits):
         n = len(splits.val_y)  # a train subset as large as val, for the train/val gap
-        classify = lambda b: model(normalize(b))
-        return {"test_acc": accuracy(classify, splits.test_x, splits.test_y),
-                "train_acc": accuracy(classify, splits.train_x[:n], splits.train_y[:n])}
+        return {"test_acc": self._accuracy(model, splits.test_x, splits.test_y),
+                "train_acc": self._accuracy(model, splits.train_x[:n], splits.train_y[:n])}
 
 
 def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
