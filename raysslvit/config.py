@@ -203,6 +203,7 @@ PRESETS = {
         "ssl.subset_ratio": 1.0, "ssl.mask_ratio": 0.25,
         "probe.epochs": 30, "probe.batch_size": 512,
         "finetune.epochs": 10, "finetune.batch_size": 128, "finetune.lr": 2e-3, "finetune.warmup_epochs": 1,
+        "finetune.drop_path": 0.1,  # keeps stochastic depth exercised by the smoke tests
         "video.epochs": 4, "video.batch_size": 128, "video.lr": 2e-3, "video.warmup_epochs": 1,
     },
     # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs (SSL 20, fine-tune 50).
