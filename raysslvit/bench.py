@@ -57,7 +57,7 @@ def bench_step(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:
     x, y = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device), torch.randint(0, 10, (batch,), device=device)
     # "ours" is the Classifier as fine-tuning runs it: its last block computes only CLS (same logits).
     # "ours_all_tokens" computes every token of the last block, as timm does.
-    all_tokens = lambda b: ours.head(ours.encoder.forward_features(b)[:, 0])
+    all_tokens = lambda b: ours.encoder.forward_head(ours.encoder.forward_features(b), ours.head)
     steps = {name: _train_step(fn, torch.optim.AdamW(m.parameters(), 1e-4), x, y)
              for name, fn, m in (("ours", ours, ours), ("timm", theirs, theirs), ("ours_all_tokens", all_tokens, ours))}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

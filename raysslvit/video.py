@@ -59,9 +59,13 @@ class VideoTransformer(nn.Module):
         logits = self.forward_temporal(frames)
         if not with_frames:
             return logits
-        return logits, self.forward_temporal(frames.flatten(0, 1)[:, None]).view(*frames.shape[:2], -1)
+        return logits, self.static_logits(frames.flatten(0, 1), 1).view(*frames.shape[:2], -1)
+
+    def static_logits(self, frames: torch.Tensor, clip_len: int) -> torch.Tensor:
+        """(N, D) frame CLS outputs -> logits of each frame as a static clip of `clip_len` copies."""
+        return self.forward_temporal(frames[:, None].expand(-1, clip_len, -1))
 
     def forward_static(self, images: torch.Tensor, clip_len: int) -> torch.Tensor:
         """Each image as a static clip of `clip_len` equal frames: the spatial encoder runs once per
         image (its output would be identical for every frame) and its CLS is repeated."""
-        return self.forward_temporal(self.encoder(images)[:, None].expand(-1, clip_len, -1))
+        return self.static_logits(self.encoder(images), clip_len)

@@ -21,9 +21,16 @@ def stage_name(cfg: Config) -> str:
     return "video_mean" if cfg.video.temporal == "mean" else f"video_{cfg.video.st_blocks}"
 
 
-def static_accuracy(model: VideoTransformer, x: torch.Tensor, y: torch.Tensor, clip_len: int) -> float:
-    """Every image as a static clip of `clip_len` equal frames (clip_len 1: the one-frame classifier)."""
-    return accuracy(lambda b: model.forward_static(normalize(b), clip_len), x, y)
+def frame_features(model: VideoTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Every image's spatial CLS output (N, D), computed once and shared by the static-clip,
+    one-frame and clip evaluations of the same images."""
+    return predict(lambda b: model.encoder(normalize(b)), x)
+
+
+def static_accuracy(model: VideoTransformer, frames: torch.Tensor, y: torch.Tensor, clip_len: int) -> float:
+    """Every image (its `frame_features`) as a static clip of `clip_len` equal frames (clip_len 1:
+    the one-frame classifier)."""
+    return accuracy(lambda f: model.static_logits(f, clip_len), frames, y)
 
 
 class ClipTask:
@@ -48,17 +55,19 @@ class ClipTask:
 
     @torch.no_grad()
     def evaluate(self, model, splits):
-        clips = ClipSampler(splits.val_y, self.cfg.clip_len, seed=1234).clips().to(splits.val_x.device)
-        logits = predict(lambda c: model(normalize(splits.val_x[c])), clips, batch_size=64)
-        return {"val_acc": static_accuracy(model, splits.val_x, splits.val_y, self.cfg.clip_len),
+        frames = frame_features(model, splits.val_x)
+        clips = ClipSampler(splits.val_y, self.cfg.clip_len, seed=1234).clips().to(frames.device)
+        logits = predict(model.forward_temporal, frames[clips])
+        return {"val_acc": static_accuracy(model, frames, splits.val_y, self.cfg.clip_len),
                 "val_clip_acc": (logits.argmax(1) == splits.val_y[clips[:, 0]]).float().mean().item()}
 
     @torch.no_grad()
     def finish(self, model, splits):
         n = len(splits.val_y)  # a train subset as large as val, for the train/val gap
-        return {"test_acc": static_accuracy(model, splits.test_x, splits.test_y, self.cfg.clip_len),
-                "train_acc": static_accuracy(model, splits.train_x[:n], splits.train_y[:n], self.cfg.clip_len),
-                "spatial_acc": static_accuracy(model, splits.test_x, splits.test_y, 1)}
+        test, train = frame_features(model, splits.test_x), frame_features(model, splits.train_x[:n])
+        return {"test_acc": static_accuracy(model, test, splits.test_y, self.cfg.clip_len),
+                "train_acc": static_accuracy(model, train, splits.train_y[:n], self.cfg.clip_len),
+                "spatial_acc": static_accuracy(model, test, splits.test_y, 1)}
 
 
 def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
