@@ -44,6 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     augment: bool = True  # random horizontal flip (+ crop when crop_pad > 0), batched on device
     crop_pad: int = 4  # random crop of the zero-padded image; 0 turns cropping off
+    trivial_augment: bool = False  # TrivialAugment before crop + flip, one op per 16 images (data.trivial_augment)
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")

@@ -216,6 +216,18 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     return padded[b, c, rows, cols]
 
 
+def trivial_augment(x: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """TrivialAugment (Müller & Hutter 2021; torchvision's `TrivialAugmentWide`) for a uint8 batch:
+    one random op and magnitude per chunk of `chunk` images, each chunk one batched call. Batches are
+    slices of a random permutation, so chunks are random groups. Any leading shape works."""
+    from torchvision.transforms import v2
+
+    if x.dim() > 4:
+        return trivial_augment(x.flatten(0, -4), chunk).view(x.shape)
+    op = v2.TrivialAugmentWide()
+    return torch.cat([op(c) for c in x.split(chunk)])
+
+
 class ClipSampler(torch.utils.data.Sampler):
     """Same-class clips for pseudo-video: each item is `clip_len` distinct images of one class.
 
