@@ -44,7 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     augment: bool = True  # random horizontal flip (+ crop when crop_pad > 0), batched on device
     crop_pad: int = 4  # random crop of the zero-padded image; 0 turns cropping off
-    trivial_augment: bool = False  # TrivialAugment before crop + flip, one op per 16 images (data.trivial_augment)
+    trivial_augment: float = 0.0  # share of 16-image chunks given a TrivialAugment op before crop + flip; 0 off
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
@@ -53,6 +53,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
         _check(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         _check(self.crop_pad >= 0, f"crop_pad must be non-negative, got {self.crop_pad}")
+        _check(0 <= self.trivial_augment <= 1, f"trivial_augment must be in [0, 1], got {self.trivial_augment}")
 
 
 @dataclass(frozen=True)

@@ -216,16 +216,19 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     return padded[b, c, rows, cols]
 
 
-def trivial_augment(x: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def trivial_augment(x: torch.Tensor, p: float = 1.0, chunk: int = 16) -> torch.Tensor:
     """TrivialAugment (Müller & Hutter 2021; torchvision's `TrivialAugmentWide`) for a uint8 batch:
-    one random op and magnitude per chunk of `chunk` images, each chunk one batched call. Batches are
-    slices of a random permutation, so chunks are random groups. Any leading shape works."""
+    each chunk of `chunk` images gets, with probability `p`, one random op and magnitude in one
+    batched call. Batches are slices of a random permutation, so chunks are random groups. Any
+    leading shape works (clips: one draw per 16 frames)."""
     from torchvision.transforms import v2
 
     if x.dim() > 4:
-        return trivial_augment(x.flatten(0, -4), chunk).view(x.shape)
+        return trivial_augment(x.flatten(0, -4), p, chunk).view(x.shape)
     op = v2.TrivialAugmentWide()
-    return torch.cat([op(c) for c in x.split(chunk)])
+    chunks = x.split(chunk)
+    draw = (torch.rand(len(chunks)) < p).tolist()  # torch's RNG: seeded by fit
+    return torch.cat([op(c) if d else c for c, d in zip(chunks, draw)])
 
 
 class ClipSampler(torch.utils.data.Sampler):

@@ -68,6 +68,20 @@ def test_augment_flips_and_crops_in_one_batch():
     assert (cropped == 0).any()  # some padding shows
 
 
+def test_trivial_augment_draws_one_op_per_chunk_under_torch_seed():
+    from raysslvit.data import trivial_augment
+
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    out = trivial_augment(x, chunk=16)
+    torch.manual_seed(0)
+    assert torch.equal(trivial_augment(x, chunk=16), out)  # fit's seed drives the draws
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert any(not torch.equal(o, i) for o, i in zip(out.split(16), x.split(16)))
+    assert trivial_augment(x.view(4, 16, 3, 32, 32)).shape == (4, 16, 3, 32, 32)  # clips
+    assert torch.equal(trivial_augment(x, p=0.0), x)
+
+
 def test_shards_are_disjoint_and_equal():
     shards = [torch.cat(shard_batches(103, 10, r, 3, seed=5)) for r in range(3)]
     assert all(len(s) == 34 for s in shards)
