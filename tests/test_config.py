@@ -31,6 +31,7 @@ def test_overrides_use_field_names_and_types():
     ("ssl.nosuch", "1", "unknown config field"),
     ("finetune.augment", "maybe", "true or false"),
     ("data.val_fraction", "1", "val_fraction"),
+    ("finetune.trivial_augment", "1.5", "trivial_augment"),
 ])
 def test_invalid_values_are_user_errors(key, value, needle):
     with pytest.raises(UserError, match=needle):
