@@ -45,7 +45,7 @@ class TrainConfig:
     augment: bool = True  # random horizontal flip (+ crop when crop_pad > 0), batched on device
     crop_pad: int = 4  # random crop of the zero-padded image; 0 turns cropping off
     # share of each batch's 16-image chunks given a TrivialAugment op before crop + flip; 0 off. Fine-tuning
-    # with 0.5 ended at val 0.757 against 0.761 without (cpu preset, JPEG copy): the small model then underfits.
+    # with 0.5 ended at val 0.757 against 0.755-0.761 without (cpu preset, JPEG copy): the small model then underfits.
     trivial_augment: float = 0.0
 
     def __post_init__(self):
@@ -104,8 +104,8 @@ class FinetuneConfig(TrainConfig):
     epochs: int = 50
     # 1e-3 at batch 128 (twice the steps of batch 256, twice the per-image lr): val accuracy at
     # epoch 6 of 50 was 0.524, vs 0.508 with 1e-3 at 256 and 0.518 with 2e-3 at 256; the full run
-    # ended at val 0.761. 2e-3 at batch 64 without label smoothing or drop path led at epoch 8 of an
-    # 8-epoch pilot (val 0.627 against 0.585) but ended the 50 epochs lower: best val 0.756 (cpu preset, JPEG copy).
+    # ended at val 0.761 (a later run: 0.755). 2e-3 at batch 64 without label smoothing or drop path led at epoch 8
+    # of an 8-epoch pilot (val 0.627 against 0.585) but not over 50 epochs: best val 0.756 (cpu preset, JPEG copy).
     batch_size: int = 128
     lr: float = 2e-3  # for batch 256, scaled linearly like every lr here
     warmup_epochs: float = 5.0
