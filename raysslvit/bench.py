@@ -102,10 +102,17 @@ def bench_corruption(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:
             "batch": batch}
 
 
-def bench_launcher(overrides: dict, epochs: int) -> dict:
-    """The same SSL `fit` through TorchTrainer and in-process: per-epoch time and whole-call time."""
+def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
+    """The same SSL `fit` through TorchTrainer and in-process: per-epoch time and whole-call time.
+    `threads` > 0 gives both that many compute threads (Ray started with as many CPUs), leaving the
+    other cores to Ray's own processes."""
     from raysslvit.stages import ssl
 
+    if threads:
+        import ray
+
+        torch.set_num_threads(threads)
+        ray.init(num_cpus=threads, log_to_driver=True, configure_logging=False)
     out = {}
     for launcher in ("local", "ray"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +125,8 @@ def bench_launcher(overrides: dict, epochs: int) -> dict:
     return {"local_epoch_s": out["local"]["epoch_s"], "ray_epoch_s": out["ray"]["epoch_s"],
             "epoch_ratio": out["ray"]["epoch_s"] / out["local"]["epoch_s"],
             "local_call_s": out["local"]["call_s"], "ray_call_s": out["ray"]["call_s"],
-            "call_ratio": out["ray"]["call_s"] / out["local"]["call_s"], "epochs": epochs}
+            "call_ratio": out["ray"]["call_s"] / out["local"]["call_s"], "epochs": epochs,
+            "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> int:
@@ -131,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="sample", help="data for the launcher epoch (sample | cifar10)")
     p.add_argument("--data-dir", default="", help="an ImageFolder tree for the launcher epoch")
     p.add_argument("--epochs", type=int, default=2, help="SSL epochs per launcher")
+    p.add_argument("--threads", type=int, default=0,
+                   help="compute threads for the launcher epochs (default: every core)")
     p.add_argument("--skip", action="append", default=[], choices=("step", "corruption", "launcher"))
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
     args = p.parse_args(argv)
@@ -145,7 +155,7 @@ def main(argv=None) -> int:
     if "launcher" not in args.skip:
         data = {"data.data_dir": args.data_dir} if args.data_dir else {"data.data": args.data}
         model = {"model.embed_dim": args.embed_dim, "model.depth": args.depth, "model.num_heads": args.num_heads}
-        result["launcher"] = bench_launcher({**data, **model}, args.epochs)
+        result["launcher"] = bench_launcher({**data, **model}, args.epochs, args.threads)
     result["provenance"] = provenance()
     write_json(args.out, result)
     print(__import__("json").dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))
