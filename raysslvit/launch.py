@@ -91,6 +91,7 @@ def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume
                 shutil.rmtree(last["checkpoint"], ignore_errors=True)
             last["checkpoint"] = directory
 
+    torch.manual_seed(cfg.seed)  # models are built before fit seeds each rank: the seed decides their init
     worker(cfg, ctx, report, load_state(resume))
     return last["metrics"], last["checkpoint"]
 
@@ -132,6 +133,7 @@ def _ray_worker(loop_config: dict) -> None:
             _write_checkpoint(tmp, state, {**meta, "epoch": metrics["epoch"]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    torch.manual_seed(cfg.seed)  # as in _run_local: every rank builds the same initial model
     loop_config["worker"](cfg, ctx, report, resume)
 
 

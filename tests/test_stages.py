@@ -88,6 +88,17 @@ def test_local_launcher_runs_the_same_fit(tmp_path, smoke_run):
     assert p["test_acc"] == p["test_acc_cls"]
 
 
+def test_the_seed_decides_a_run_in_either_launcher(tmp_path, smoke_run, ray_local):
+    """torch seeds itself at random on import; the launcher seeds it from the config before the
+    stage builds its model, so the same config gives the same run, in-process or on Ray Train."""
+    runs = []
+    for launcher, out in (("local", "a"), ("local", "b"), ("ray", "c")):
+        cfg = build_config("smoke", {"out": str(tmp_path / out), "launcher": launcher, "finetune.epochs": 2,
+                                     "checkpoint": str(smoke_run / "ssl" / "model.pt")})
+        runs.append([{k: v for k, v in m.items() if k != "epoch_time_s"} for m in finetune.run(cfg)["history"]])
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
 def test_analyze_measures_both_models(smoke_run):
     m = read_json(smoke_run / "analyze" / "metrics.json")
     for key in ("cka_before", "cka_after", "cka_block_before", "cka_block_after", "focus_entropy_before",
