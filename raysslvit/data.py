@@ -223,6 +223,8 @@ def trivial_augment(x: torch.Tensor, p: float = 1.0, chunk: int = 16) -> torch.T
     leading shape works (clips: one draw per 16 frames)."""
     from torchvision.transforms import v2
 
+    if p == 0:  # off: no copy, and torch's RNG stream stays as without the option
+        return x
     if x.dim() > 4:
         return trivial_augment(x.flatten(0, -4), p, chunk).view(x.shape)
     op = v2.TrivialAugmentWide()

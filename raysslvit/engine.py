@@ -164,7 +164,7 @@ def _train_epoch(task, model, opt, splits, cfg, ctx, batches, first_step, total,
             g["lr"] = lr_at(step, total, warmup, lr) * g["lr_scale"]
         x, y = splits.train_x[idx], splits.train_y[idx]
         if cfg.augment:
-            x = augment(trivial_augment(x, cfg.trivial_augment) if cfg.trivial_augment else x, cfg.crop_pad)
+            x = augment(trivial_augment(x, cfg.trivial_augment), cfg.crop_pad)
         with autocast(ctx.device):
             loss, logs = task.loss(model, x, y)
         opt.zero_grad(set_to_none=True)

@@ -73,6 +73,14 @@ def _use_gpu(cfg: Config, available: bool) -> bool:
     return cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and available)
 
 
+def _call_worker(worker: WorkerFn, cfg: Config, ctx: WorkerContext, report: Callable, resume: dict | None) -> dict:
+    """Seed torch from the config, then run the stage's worker. Stages build their models before
+    `fit` seeds each rank, and torch seeds itself at random on import: without this no two runs of
+    one config would start alike. Every rank builds the same initial model."""
+    torch.manual_seed(cfg.seed)
+    return worker(cfg, ctx, report, resume)
+
+
 # --- local: the same worker function, in this process --------------------------------------------
 
 
@@ -91,8 +99,7 @@ def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume
                 shutil.rmtree(last["checkpoint"], ignore_errors=True)
             last["checkpoint"] = directory
 
-    torch.manual_seed(cfg.seed)  # models are built before fit seeds each rank: the seed decides their init
-    worker(cfg, ctx, report, load_state(resume))
+    _call_worker(worker, cfg, ctx, report, load_state(resume))
     return last["metrics"], last["checkpoint"]
 
 
@@ -133,8 +140,7 @@ def _ray_worker(loop_config: dict) -> None:
             _write_checkpoint(tmp, state, {**meta, "epoch": metrics["epoch"]})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    torch.manual_seed(cfg.seed)  # as in _run_local: every rank builds the same initial model
-    loop_config["worker"](cfg, ctx, report, resume)
+    _call_worker(loop_config["worker"], cfg, ctx, report, resume)
 
 
 def _run_ray(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume: str | None):
