@@ -23,7 +23,7 @@ from raysslvit.artifacts import provenance, write_json
 from raysslvit.config import build_config
 from raysslvit.data import normalize
 from raysslvit.ssl import SSLHeads, corrupt, masked_rotation_loss, recon_targets
-from raysslvit.vit import Classifier, ViTConfig, VisionTransformer
+from raysslvit.vit import Classifier, ConvStem, ViTConfig, VisionTransformer
 
 
 def _timed(fn, sync) -> float:
@@ -43,15 +43,27 @@ def _train_step(model, opt, x, y):
     return step
 
 
+class _TimmConvStem(ConvStem):
+    """Our conv stem behind timm's `embed_layer` interface (tokens out as (B, N, D))."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, **_):
+        super().__init__(patch_size, embed_dim, in_chans)
+        self.num_patches = (img_size // patch_size) ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).flatten(2).transpose(1, 2)
+
+
 def bench_step(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:
     """Ours vs timm with identical shapes (checked by parameter count): same input, alternating rounds."""
     import timm
 
     torch.manual_seed(0)
     ours = Classifier(VisionTransformer(cfg), 10).to(device)
+    stem = {"embed_layer": _TimmConvStem} if cfg.stem == "conv" else {}
     theirs = timm.models.vision_transformer.VisionTransformer(
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=10, global_pool="token").to(device)
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=10, global_pool="token", **stem).to(device)
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
     assert n_ours == n_theirs, (n_ours, n_theirs)
     x, y = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device), torch.randint(0, 10, (batch,), device=device)
@@ -134,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--stem", default="patch", choices=("patch", "conv"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data", default="sample", help="data for the launcher epoch (sample | cifar10)")
@@ -145,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = ViTConfig(embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads)
+    cfg = ViTConfig(embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, stem=args.stem)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
               "model": cfg.to_dict()}
     if "step" not in args.skip:
@@ -154,7 +167,8 @@ def main(argv=None) -> int:
         result["corruption"] = bench_corruption(cfg, args.batch_size, args.rounds, device)
     if "launcher" not in args.skip:
         data = {"data.data_dir": args.data_dir} if args.data_dir else {"data.data": args.data}
-        model = {"model.embed_dim": args.embed_dim, "model.depth": args.depth, "model.num_heads": args.num_heads}
+        model = {"model.embed_dim": args.embed_dim, "model.depth": args.depth, "model.num_heads": args.num_heads,
+                 "model.stem": args.stem}
         result["launcher"] = bench_launcher({**data, **model}, args.epochs, args.threads)
     result["provenance"] = provenance()
     write_json(args.out, result)

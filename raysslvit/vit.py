@@ -25,12 +25,20 @@ class ViTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    # patch: one linear map per 8x8 patch (ViT) | conv: a stack of 3x3 stride-2 convolutions, one per
+    # halving of the patch, then a 1x1 (Xiao et al. 2021, "Early convolutions help transformers see better");
+    # either way one token per patch.
+    stem: str = "patch"
 
     def __post_init__(self):
         from raysslvit.errors import UserError
 
         if self.patch_size <= 0 or self.img_size % self.patch_size:
             raise UserError(f"patch_size {self.patch_size} does not divide the image size {self.img_size}")
+        if self.stem not in ("patch", "conv"):
+            raise UserError(f"unknown stem {self.stem!r}: use patch or conv")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise UserError(f"the conv stem needs a patch size that is a power of 2, got {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise UserError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.depth < 1:
@@ -124,6 +132,24 @@ class Block(nn.Module):
         return self.mlp_out(self.attn_out(x, queries=1))
 
 
+class ConvStem(nn.Module):
+    """3x3 stride-2 convolutions with ReLU, one per halving of the patch size, widening to `embed_dim`,
+    then a 1x1 convolution: (B, 3, H, W) -> (B, D, H / P, W / P), like the patch embedding it replaces.
+    No normalisation, so it computes the same in train and eval mode."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
+        super().__init__()
+        n = patch_size.bit_length() - 1  # stride-2 convolutions
+        widths = [in_chans] + [max(embed_dim >> (n - 1 - i), 8) for i in range(n)]
+        layers = []
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers, nn.Conv2d(widths[-1], embed_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
 class VisionTransformer(nn.Module):
     """CLS token + learned positions + pre-norm blocks + final norm. Token 0 is CLS."""
 
@@ -131,7 +157,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, P = cfg.embed_dim, cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, D, kernel_size=P, stride=P)
+        self.patch_embed = nn.Conv2d(3, D, kernel_size=P, stride=P) if cfg.stem == "patch" else ConvStem(P, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D))
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()

@@ -56,3 +56,29 @@ def test_bad_shapes_are_user_errors():
         ViTConfig(patch_size=5)
     with pytest.raises(UserError, match="num_heads"):
         ViTConfig(embed_dim=50, num_heads=4)
+    with pytest.raises(UserError, match="power of 2"):
+        ViTConfig(img_size=36, patch_size=6, stem="conv")
+    with pytest.raises(UserError, match="unknown stem"):
+        ViTConfig(stem="resnet")
+
+
+def test_conv_stem_gives_one_token_per_patch_and_no_mode_dependence():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(embed_dim=48, depth=2, num_heads=3, stem="conv"))
+    x = torch.randn(3, 3, 32, 32)
+    assert model.patch_embed(x).shape == (3, 48, 4, 4)
+    train_out = model.train()(x)
+    assert torch.allclose(model.eval()(x), train_out, atol=1e-6)  # no norm layer: same in both modes
+    # each token sees its own 8x8 patch and, through the 3x3 kernels, a border of its neighbours only
+    y = x.clone()
+    y[:, :, 24:, 24:] = 0  # change the last patch
+    changed = (model.patch_embed(y) - model.patch_embed(x)).abs().sum(1) > 0
+    assert changed[:, 3, 3].all() and not changed[:, 0, 0].any()
+
+
+def test_bench_compares_like_with_like_for_the_conv_stem():
+    from raysslvit.bench import bench_step
+
+    result = bench_step(ViTConfig(embed_dim=32, depth=1, num_heads=2, stem="conv"), batch=8, rounds=1,
+                        device=torch.device("cpu"))  # asserts equal parameter counts with timm's model
+    assert result["throughput_ratio"] > 0
