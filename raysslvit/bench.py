@@ -1,6 +1,6 @@
 """Benchmarks, printed as JSON: every figure is a ratio of two things timed side by side in one run.
 
-    python -m raysslvit.bench [--embed-dim 128 --depth 4 --batch-size 256 --data sample]
+    python -m raysslvit.bench [--embed-dim 128 --depth 4 --stem conv --batch-size 256 --data sample]
 
 - step: training-step throughput of our classifier against timm's VisionTransformer, same config,
   same batch, alternating rounds (ours also with the last block computing every token, as timm's);
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--stem", default="patch", choices=("patch", "conv"))
+    p.add_argument("--stem", default="conv", choices=("patch", "conv"), help="default: the cpu preset's")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data", default="sample", help="data for the launcher epoch (sample | cifar10)")

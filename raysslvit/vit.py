@@ -1,6 +1,6 @@
 """Pre-norm Vision Transformer (Dosovitskiy et al. 2021) with a timm-like feature API.
 
-Reads top to bottom: Attention -> Mlp -> Block -> VisionTransformer. Every consumer (probe,
+Reads top to bottom: Attention -> Mlp -> Block -> ConvStem -> VisionTransformer. Every consumer (probe,
 fine-tune, video, fusion, analysis) goes through `forward_features`, `forward_intermediates`,
 `forward_head` and `forward_cls` (the CLS output alone, computed without the last block's other
 tokens); none reaches into the blocks.
@@ -135,7 +135,8 @@ class Block(nn.Module):
 class ConvStem(nn.Module):
     """3x3 stride-2 convolutions with ReLU, one per halving of the patch size, widening to `embed_dim`,
     then a 1x1 convolution: (B, 3, H, W) -> (B, D, H / P, W / P), like the patch embedding it replaces.
-    No normalisation, so it computes the same in train and eval mode."""
+    A token's receptive field is 2P - 1 pixels square: its own patch and the P - 1 pixels above and left
+    of it. No normalisation, so it computes the same in train and eval mode."""
 
     def __init__(self, patch_size: int, embed_dim: int, in_chans: int = 3):
         super().__init__()

@@ -69,11 +69,16 @@ def test_conv_stem_gives_one_token_per_patch_and_no_mode_dependence():
     assert model.patch_embed(x).shape == (3, 48, 4, 4)
     train_out = model.train()(x)
     assert torch.allclose(model.eval()(x), train_out, atol=1e-6)  # no norm layer: same in both modes
-    # each token sees its own 8x8 patch and, through the 3x3 kernels, a border of its neighbours only
-    y = x.clone()
-    y[:, :, 24:, 24:] = 0  # change the last patch
-    changed = (model.patch_embed(y) - model.patch_embed(x)).abs().sum(1) > 0
-    assert changed[:, 3, 3].all() and not changed[:, 0, 0].any()
+    # token j's receptive field is pixels 8j - 7 .. 8j + 7 along each axis: its own patch and the 7
+    # pixels above and left of it
+    for r, c in [(0, 0), (9, 20), (31, 16)]:
+        y = x.clone()
+        y[:, :, r, c] += 1
+        changed = ((model.patch_embed(y) - model.patch_embed(x)).abs().sum(1) > 0)[0]
+        seen = lambda p: [j for j in range(4) if 8 * j - 7 <= p <= 8 * j + 7]
+        expected = torch.zeros(4, 4, dtype=torch.bool)
+        expected[seen(r)[0]:seen(r)[-1] + 1, seen(c)[0]:seen(c)[-1] + 1] = True
+        assert torch.equal(changed, expected), (r, c)
 
 
 def test_bench_compares_like_with_like_for_the_conv_stem():
