@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import asdict
 from typing import Callable
@@ -132,77 +131,12 @@ def _quiet_ray_reports() -> None:
     logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
-def _proc_parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def _proc_cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode(errors="replace")
-
-
-def _proc_name(pid: int | str) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
-
-
-def _ray_daemons_wait_their_turn() -> int:
-    """Every thread of this node's Ray daemons (raylet, GCS, the agents, Ray Train's controller and helper
-    actors; not the training workers) to SCHED_BATCH: a waking thread then waits for the running one's
-    time slice instead of preempting it. Their ~900 wakeups a second otherwise each displace a compute
-    thread, and its OpenMP partner waits at the next barrier. Unprivileged (a process may lower its
-    own user's processes); Linux only; returns the number of threads changed."""
-    if not hasattr(os, "SCHED_BATCH") or not os.path.isdir("/proc"):
-        return 0
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                children.setdefault(_proc_parent(int(entry)), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    raylet = os.getppid()  # Ray workers are the raylet's children
-    pids, todo = [], [raylet]
-    try:  # a local Ray's GCS is the raylet's sibling
-        pids += [p for p in children.get(_proc_parent(raylet), []) if _proc_name(p) == "gcs_server"]
-    except OSError:
-        pass
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo += children.get(pid, [])
-    # this worker's own helper threads too (the main thread, gRPC, Gloo's TCP loop): not the calling
-    # training thread, nor the OpenMP threads it started, which carry its name
-    me, name = threading.get_native_id(), _proc_name(f"{os.getpid()}/task/{threading.get_native_id()}")
-    own = [int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")]
-    changed = 0
-    for tid in own:
-        try:
-            if tid != me and (tid == os.getpid() or _proc_name(f"{os.getpid()}/task/{tid}") != name):
-                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-                changed += 1
-        except OSError:  # the thread has ended
-            pass
-    for pid in pids:
-        try:
-            if pid == os.getpid() or _proc_cmdline(pid).startswith("ray::RayTrainWorker"):
-                continue
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
-                changed += 1
-        except OSError:  # gone, or not ours
-            pass
-    return changed
-
-
 def _ray_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: build the context, resume, call the stage's worker."""
     import ray.train
     import ray.train.torch
 
     torch.set_num_threads(loop_config["threads"])  # Ray sets 1 thread per CPU resource by default
-    _ray_daemons_wait_their_turn()
     _quiet_ray_reports()
     cfg, meta = loop_config["cfg"], loop_config["meta"]
     tc = ray.train.get_context()

@@ -32,16 +32,3 @@ def test_ray_workers_run_at_the_drivers_priority(ray_local):
         return os.nice(0)
 
     assert ray_local.get(niceness.remote()) == WORKER_NICENESS == 0
-
-
-def test_ray_daemons_yield_to_the_training_worker(ray_local):
-    """Inside a Ray worker: the raylet's threads become SCHED_BATCH, the worker's own stay as they were."""
-    from raysslvit.launch import _ray_daemons_wait_their_turn
-
-    @ray_local.remote
-    def yield_daemons():
-        changed = _ray_daemons_wait_their_turn()
-        return changed, os.sched_getscheduler(os.getppid()), os.sched_getscheduler(0)
-
-    changed, raylet_policy, own_policy = ray_local.get(yield_daemons.remote())
-    assert changed > 0 and raylet_policy == os.SCHED_BATCH and own_policy == os.SCHED_OTHER
