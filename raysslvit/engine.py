@@ -176,9 +176,11 @@ def _train_epoch(task, model, opt, splits, cfg, ctx, batches, first_step, total,
 
 
 def _finish(task, model, base, splits, ctx, history, best_state) -> dict:
-    best_epoch = max(history, key=lambda m: m[task.monitor] if task.monitor else m["epoch"])["epoch"]
+    best = max(history, key=lambda m: m[task.monitor] if task.monitor else m["epoch"])
     base.load_state_dict(best_state)
     model.eval()
     with autocast(ctx.device):
         final = task.finish(base, splits)
-    return {**history[-1], **final, "best_val_epoch": best_epoch, "history": history}
+    # train figures of the last epoch; val figures of the best one, whose weights the test figures use
+    return {**history[-1], **{k: v for k, v in best.items() if k.startswith("val_")}, **final,
+            "best_val_epoch": best["epoch"], "history": history}

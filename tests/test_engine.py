@@ -52,4 +52,6 @@ def test_fit_resumes_from_its_checkpoint():
     assert [m["epoch"] for m in reports] == [3]  # only the missing epoch ran
     assert [m["epoch"] for m in final["history"]] == [1, 2, 3]
     assert 0 <= final["test_acc"] <= 1 and final["best_val_epoch"] in (1, 2, 3)
-    assert not math.isnan(final["train_loss"])
+    best = final["history"][final["best_val_epoch"] - 1]
+    assert final["val_acc"] == best["val_acc"] == max(m["val_acc"] for m in final["history"])  # the test's epoch
+    assert final["train_loss"] == final["history"][-1]["train_loss"] and not math.isnan(final["train_loss"])
