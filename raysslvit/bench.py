@@ -121,10 +121,10 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
     from raysslvit.stages import ssl
 
     if threads:
-        from raysslvit.launch import start_ray
+        import ray
 
         torch.set_num_threads(threads)
-        start_ray(num_cpus=threads)
+        ray.init(num_cpus=threads, log_to_driver=True, configure_logging=False)
     out = {}
     for launcher in ("local", "ray"):
         with tempfile.TemporaryDirectory() as tmp:

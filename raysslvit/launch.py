@@ -105,21 +105,6 @@ def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume
 
 # --- Ray Train ------------------------------------------------------------------------------------
 
-# Ray starts its worker processes at niceness 15, below its own raylet, GCS and agents (niceness 0). On
-# a machine whose cores the training worker fills, every wakeup of those then preempts a compute thread
-# (610-660 switches a second on 2 cores, against 17-20 in-process) and its OpenMP partner waits at the
-# next barrier. A Ray started here runs its workers at the driver's priority instead.
-WORKER_NICENESS = 0
-
-
-def start_ray(**kwargs) -> None:
-    """`ray.init` for a Ray this process starts (every keyword passes through), workers at niceness 0.
-    A cluster started elsewhere keeps its own setting (`RAY_worker_niceness=0 ray start ...`)."""
-    import ray
-
-    ray.init(log_to_driver=True, configure_logging=False, **kwargs,
-             _system_config={"worker_niceness": WORKER_NICENESS})
-
 
 def _quiet_ray_reports() -> None:
     """Ray Train logs every report with its full metrics and every checkpoint with its path; keep the
@@ -164,7 +149,7 @@ def _run_ray(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume: 
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        start_ray()
+        ray.init(log_to_driver=True, configure_logging=False)
     resources = ray.cluster_resources()
     use_gpu = _use_gpu(cfg, resources.get("GPU", 0) > 0)
     cpus = max(1, int(resources.get("CPU", 1)) // cfg.num_workers)

@@ -1,7 +1,7 @@
 import os
 
 from raysslvit.config import build_config
-from raysslvit.launch import WORKER_NICENESS, latest_checkpoint, same_fingerprint, stage_fingerprint, _write_checkpoint
+from raysslvit.launch import latest_checkpoint, same_fingerprint, stage_fingerprint, _write_checkpoint
 
 
 def test_fingerprint_tells_configs_apart_and_tolerates_fields_added_later():
@@ -22,13 +22,3 @@ def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
     for run, epoch in (("ray-1", 3), ("local-2", 5), ("ray-3", 4)):
         _write_checkpoint(str(stage / "checkpoints" / run / f"checkpoint_{epoch}"), {"epoch": epoch}, {"epoch": epoch})
     assert os.path.basename(latest_checkpoint(str(stage))) == "checkpoint_5"
-
-
-def test_ray_workers_run_at_the_drivers_priority(ray_local):
-    """Ray's default niceness 15 for workers lets its own processes preempt the training worker."""
-
-    @ray_local.remote
-    def niceness():
-        return os.nice(0)
-
-    assert ray_local.get(niceness.remote()) == WORKER_NICENESS == 0
