@@ -192,6 +192,10 @@ class Config:
         _check(self.num_workers >= 1, f"num_workers must be at least 1, got {self.num_workers}")
         _check(self.use_gpu in ("auto", "true", "false"), f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
         _check(self.launcher in ("ray", "local"), f"launcher must be ray or local, got {self.launcher!r}")
+        from raysslvit.data import IMG_SIZE
+
+        _check(self.model.img_size == IMG_SIZE,
+               f"img_size must be {IMG_SIZE}: every data source gives {IMG_SIZE}x{IMG_SIZE} images, got {self.model.img_size}")
 
     @property
     def out_dir(self) -> str:

@@ -32,6 +32,8 @@ def test_overrides_use_field_names_and_types():
     ("finetune.augment", "maybe", "true or false"),
     ("data.val_fraction", "1", "val_fraction"),
     ("finetune.trivial_augment", "1.5", "trivial_augment"),
+    ("model.img_size", "48", "img_size must be 32"),
+    ("model.stem", "resnet", "unknown stem"),
 ])
 def test_invalid_values_are_user_errors(key, value, needle):
     with pytest.raises(UserError, match=needle):
