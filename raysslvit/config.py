@@ -222,7 +222,7 @@ PRESETS = {
         "video.epochs": 4, "video.batch_size": 128, "video.lr": 2e-3, "video.warmup_epochs": 1,
     },
     # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs (SSL 20, fine-tune 50). The
-    # conv stem led fine-tuning by 4-8 val points from epoch 2 on (0.727 against 0.675-0.681 at epoch 18).
+    # conv stem led fine-tuning from epoch 2 on and ended at val 0.790 against the patch stem's 0.755-0.761.
     "cpu": {
         "data.data": "cifar10",
         "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4, "model.stem": "conv",
