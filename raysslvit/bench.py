@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -142,11 +143,12 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
+    model = build_config("cpu").model  # the defaults: the cpu preset's model
     p = argparse.ArgumentParser(prog="python -m raysslvit.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--stem", default="conv", choices=("patch", "conv"), help="default: the cpu preset's")
+    p.add_argument("--embed-dim", type=int, default=model.embed_dim)
+    p.add_argument("--depth", type=int, default=model.depth)
+    p.add_argument("--num-heads", type=int, default=model.num_heads)
+    p.add_argument("--stem", default=model.stem, choices=("patch", "conv"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data", default="sample", help="data for the launcher epoch (sample | cifar10)")
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = ViTConfig(embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, stem=args.stem)
+    cfg = replace(model, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, stem=args.stem)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
               "model": cfg.to_dict()}
     if "step" not in args.skip:
@@ -167,9 +169,8 @@ def main(argv=None) -> int:
         result["corruption"] = bench_corruption(cfg, args.batch_size, args.rounds, device)
     if "launcher" not in args.skip:
         data = {"data.data_dir": args.data_dir} if args.data_dir else {"data.data": args.data}
-        model = {"model.embed_dim": args.embed_dim, "model.depth": args.depth, "model.num_heads": args.num_heads,
-                 "model.stem": args.stem}
-        result["launcher"] = bench_launcher({**data, **model}, args.epochs, args.threads)
+        model_fields = {f"model.{k}": v for k, v in cfg.to_dict().items()}
+        result["launcher"] = bench_launcher({**data, **model_fields}, args.epochs, args.threads)
     result["provenance"] = provenance()
     write_json(args.out, result)
     print(__import__("json").dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))

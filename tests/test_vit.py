@@ -71,11 +71,11 @@ def test_conv_stem_gives_one_token_per_patch_and_no_mode_dependence():
     assert torch.allclose(model.eval()(x), train_out, atol=1e-6)  # no norm layer: same in both modes
     # token j's receptive field is pixels 8j - 7 .. 8j + 7 along each axis: its own patch and the 7
     # pixels above and left of it
+    seen = lambda p: [j for j in range(4) if 8 * j - 7 <= p <= 8 * j + 7]  # the tokens pixel p reaches
     for r, c in [(0, 0), (9, 20), (31, 16)]:
         y = x.clone()
         y[:, :, r, c] += 1
         changed = ((model.patch_embed(y) - model.patch_embed(x)).abs().sum(1) > 0)[0]
-        seen = lambda p: [j for j in range(4) if 8 * j - 7 <= p <= 8 * j + 7]
         expected = torch.zeros(4, 4, dtype=torch.bool)
         expected[seen(r)[0]:seen(r)[-1] + 1, seen(c)[0]:seen(c)[-1] + 1] = True
         assert torch.equal(changed, expected), (r, c)
