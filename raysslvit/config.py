@@ -144,6 +144,8 @@ class VideoConfig(FinetuneConfig):
     # static clips (K=1, cpu preset, JPEG copy) at epoch 3 of 25 was 0.374 with 1.0 and 0.342 with 0; at epoch 8,
     # 0.533 with 4.0 and 0.439 with 1.0.
     frame_loss: float = 4.0
+    # the frame loss classifies every frame as a static clip of this many copies (1: a one-frame clip)
+    frame_clip_len: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -153,6 +155,8 @@ class VideoConfig(FinetuneConfig):
         _check(self.temporal in ("transformer", "mean"), f"temporal must be transformer or mean, got {self.temporal!r}")
         _check(self.mixup == 0, "mixup is not used by the video stage")
         _check(self.frame_loss >= 0, f"frame_loss must be non-negative, got {self.frame_loss}")
+        _check(1 <= self.frame_clip_len <= self.clip_len,
+               f"frame_clip_len must be in [1, clip_len {self.clip_len}], got {self.frame_clip_len}")
 
 
 @dataclass(frozen=True)

@@ -52,14 +52,14 @@ class VideoTransformer(nn.Module):
             x = blk(x)
         return self.head(self.temporal_norm(x[:, 0]))
 
-    def forward(self, clips: torch.Tensor, with_frames: bool = False):
-        """Clip logits (B, classes); with_frames: also every frame's logits (B, T, classes), each frame
-        through the temporal path as a one-frame clip (what `forward_static(x, 1)` computes)."""
+    def forward(self, clips: torch.Tensor, frame_clip_len: int = 0):
+        """Clip logits (B, classes); frame_clip_len > 0: also every frame's logits (B, T, classes), each
+        frame through the temporal path as a static clip of that many copies (`forward_static`)."""
         frames = self.frame_features(clips)
         logits = self.forward_temporal(frames)
-        if not with_frames:
+        if not frame_clip_len:
             return logits
-        return logits, self.static_logits(frames.flatten(0, 1), 1).view(*frames.shape[:2], -1)
+        return logits, self.static_logits(frames.flatten(0, 1), frame_clip_len).view(*frames.shape[:2], -1)
 
     def static_logits(self, frames: torch.Tensor, clip_len: int) -> torch.Tensor:
         """(N, D) frame CLS outputs -> logits of each frame as a static clip of `clip_len` copies."""

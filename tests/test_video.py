@@ -70,9 +70,10 @@ def test_static_clip_shortcut_equals_the_naive_forward(m, temporal):
     assert v(torch.randn(2, 5, 3, 32, 32)).shape == (2, 10)
 
 
-def test_frame_logits_are_each_frame_as_a_one_frame_clip(m):
+@pytest.mark.parametrize("frame_clip_len", [1, 4])
+def test_frame_logits_are_each_frame_as_a_static_clip(m, frame_clip_len):
     v = VideoTransformer(m, 10, clip_len=4, st_blocks=1).eval()
     clips = torch.randn(2, 4, 3, 32, 32)
-    logits, frames = v(clips, with_frames=True)
+    logits, frames = v(clips, frame_clip_len)
     assert torch.allclose(logits, v(clips)) and frames.shape == (2, 4, 10)
-    assert torch.allclose(frames.flatten(0, 1), v.forward_static(clips.flatten(0, 1), 1), atol=1e-5)
+    assert torch.allclose(frames.flatten(0, 1), v.forward_static(clips.flatten(0, 1), frame_clip_len), atol=1e-5)

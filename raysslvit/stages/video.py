@@ -35,8 +35,8 @@ def static_accuracy(model: VideoTransformer, frames: torch.Tensor, y: torch.Tens
 
 class ClipTask:
     """Cross-entropy on clip labels, plus `frame_loss` x cross-entropy of every frame classified as a
-    one-frame clip (deep supervision: 16 labels per clip reach the spatial encoder instead of one);
-    val accuracy of static clips (the test protocol) picks the epoch."""
+    static clip of `frame_clip_len` copies (deep supervision: 16 labels per clip reach the spatial
+    encoder instead of one); val accuracy of static clips (the test protocol) picks the epoch."""
 
     monitor = "val_acc"
 
@@ -49,7 +49,7 @@ class ClipTask:
             logits = model(normalize(x))
             loss = ce(logits, y[:, 0])
         else:
-            logits, frames = model(normalize(x), with_frames=True)  # frames: (B, T, classes)
+            logits, frames = model(normalize(x), self.cfg.frame_clip_len)  # frames: (B, T, classes)
             loss = ce(logits, y[:, 0]) + self.cfg.frame_loss * ce(frames.flatten(0, 1), y.flatten())
         return loss, {"acc": (logits.argmax(1) == y[:, 0]).float().mean().detach()}
 
