@@ -122,10 +122,10 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
     from raysslvit.stages import ssl
 
     if threads:
-        import ray
+        from raysslvit.launch import start_ray
 
         torch.set_num_threads(threads)
-        ray.init(num_cpus=threads, log_to_driver=True, configure_logging=False)
+        start_ray(num_cpus=threads)
     out = {}
     for launcher in ("local", "ray"):
         with tempfile.TemporaryDirectory() as tmp:

@@ -106,6 +106,13 @@ def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume
 # --- Ray Train ------------------------------------------------------------------------------------
 
 
+def start_ray(**kwargs) -> None:
+    """`ray.init` for a Ray this process starts, the way every caller starts it (keywords pass through)."""
+    import ray
+
+    ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+
+
 def _quiet_ray_reports() -> None:
     """Ray Train logs every report with its full metrics and every checkpoint with its path; keep the
     console to our one line per epoch. (Its reporting module names its logger by file path, so that
@@ -149,7 +156,7 @@ def _run_ray(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume: 
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=False)
+        start_ray()
     resources = ray.cluster_resources()
     use_gpu = _use_gpu(cfg, resources.get("GPU", 0) > 0)
     cpus = max(1, int(resources.get("CPU", 1)) // cfg.num_workers)

@@ -13,6 +13,8 @@ needs_jpeg_cifar10 = pytest.mark.skipif(not os.path.isdir(JPEG_CIFAR10),
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    from raysslvit.launch import start_ray
+
+    start_ray(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
