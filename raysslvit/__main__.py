@@ -8,7 +8,8 @@ import sys
 from raysslvit.config import SECTIONS, Config, build_config
 from raysslvit.errors import UserError
 
-COMMON = ("preset", "out", "seed", "num_workers", "use_gpu", "launcher", "max_failures", "checkpoint")
+COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
+          "checkpoint")
 
 
 class _Parser(argparse.ArgumentParser):

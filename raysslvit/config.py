@@ -44,8 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     augment: bool = True  # random horizontal flip (+ crop when crop_pad > 0), batched on device
     crop_pad: int = 4  # random crop of the zero-padded image; 0 turns cropping off
-    # share of each batch's 16-image chunks given a TrivialAugment op before crop + flip; 0 off. Fine-tuning
-    # with 0.5 ended at val 0.757 against 0.755-0.761 without (cpu preset, JPEG copy): the small model then underfits.
+    # share of each batch's 16-image chunks given a TrivialAugment op; off: the small model then underfits (docs/recipes.md)
     trivial_augment: float = 0.0
 
     def __post_init__(self):
@@ -83,14 +82,13 @@ class SSLConfig(TrainConfig):
 @dataclass(frozen=True)
 class ProbeConfig:
     # cls: final CLS (the study) | multi: CLS + mean patch token of the last blocks (DINO) |
-    # tokens: all final tokens, flattened in place. On M (cpu preset, JPEG copy) val picked tokens:
-    # 0.536 against 0.501 for multi and 0.407 for cls.
+    # tokens: all final tokens, flattened in place; val picked tokens (docs/recipes.md)
     features: str = "tokens"
     probe_blocks: int = 4  # blocks whose outputs the multi features concatenate
     weight_decays: tuple = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # chosen on val
     epochs: int = 60
     batch_size: int = 2048
-    lr: float = 3e-3  # val accuracy 0.441 against 0.425 at 1e-3 (3-epoch M, JPEG copy)
+    lr: float = 3e-3  # beat 1e-3 on val
 
     def __post_init__(self):
         _check(self.features in ("cls", "multi", "tokens"), f"unknown probe features {self.features!r}: use cls, multi or tokens")
@@ -102,16 +100,12 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     epochs: int = 50
-    # 1e-3 at batch 128 (twice the steps of batch 256, twice the per-image lr): val accuracy at
-    # epoch 6 of 50 was 0.524, vs 0.508 with 1e-3 at 256 and 0.518 with 2e-3 at 256; the full run
-    # ended at val 0.761 (a later run: 0.755). 2e-3 at batch 64 without label smoothing or drop path led at epoch 8
-    # of an 8-epoch pilot (val 0.627 against 0.585) but not over 50 epochs: best val 0.756 (cpu preset, JPEG copy).
+    # batch 128 led batch 256 on val early; the faster 8-epoch pilot recipes did not hold over 50 epochs
     batch_size: int = 128
     lr: float = 2e-3  # for batch 256, scaled linearly like every lr here
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
-    # lr multiplier per block below the head (BEiT / MAE). 0.75 held M's weak lower layers back:
-    # val accuracy at epoch 8 of 50 was 0.536 with 0.75 and 0.551 with 1.0 (cpu preset, JPEG copy).
+    # lr multiplier per block below the head (BEiT / MAE); 0.75 held M's weak lower layers back on val
     layer_decay: float = 1.0
     drop_path: float = 0.1
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of pairs within a batch; 0 turns it off
@@ -128,14 +122,10 @@ class FinetuneConfig(TrainConfig):
 class VideoConfig(FinetuneConfig):
     """Pseudo-video training; batch_size counts images (batch_size // clip_len clips per step)."""
 
-    # The study trained clips for 25 epochs: with the conv stem's M, static clips then reached val 0.755 /
-    # test 0.741 for K=1, the per-image classifier still rising at its last epoch. 40 (fine-tuning has 50)
-    # keeps the three cpu-preset runs (K=1, K=2, mean) within one 2-core session; K=1 then reached test 0.767.
+    # the study's 25 left the per-image classifier still rising on val; 40 fits three cpu-preset runs in a session
     epochs: int = 40
     warmup_epochs: float = 3.0
-    # The short schedule takes the recipe that led the 8-epoch fine-tuning pilots (see FinetuneConfig):
-    # 2e-3 at batch 64 (4 clips per step), no label smoothing, no drop path. K=1 with per-frame loss 4 ended at
-    # val 0.697 with it and 0.678 with the fine-tuning recipe.
+    # the short schedule takes the recipe that led the 8-epoch fine-tuning pilots on val (4 clips per step)
     batch_size: int = 64
     lr: float = 8e-3
     label_smoothing: float = 0.0
@@ -143,13 +133,9 @@ class VideoConfig(FinetuneConfig):
     clip_len: int = 16
     st_blocks: int = 1  # spatio-temporal blocks: temporal transformer blocks on top of M
     temporal: str = "transformer"  # transformer | mean (average the frame CLS tokens, no temporal blocks)
-    # weight of the per-frame cross-entropy added to the clip's (0: clip loss only, the study's). Val accuracy of
-    # static clips (K=1, cpu preset, JPEG copy) at epoch 3 of 25 was 0.374 with 1.0 and 0.342 with 0; at epoch 8,
-    # 0.533 with 4.0 and 0.439 with 1.0.
+    # weight of the per-frame cross-entropy added to the clip's (0: the study's clip loss alone); 4 led 1 and 0 on val
     frame_loss: float = 4.0
-    # the frame loss classifies every frame as a static clip of this many copies (1: a one-frame clip). 16
-    # (the test protocol) gave K=1 val 0.7616 / test 0.7443 after 25 epochs against 0.7554 / 0.7409, at 1.25x
-    # the epoch time (cpu preset, JPEG copy): not the default.
+    # the frame loss classifies every frame as a static clip of this many copies; 16's gain was within one seed's spread
     frame_clip_len: int = 1
 
     def __post_init__(self):
@@ -183,11 +169,13 @@ class Config:
     preset: str = "smoke"
     out: str = ""  # default runs/<preset>
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (DDP); the local launcher runs one
+    cpus_per_worker: int = 0  # 0: the local CPUs (at most those Ray has free) shared by the workers
+    gpus_per_worker: float = 1.0  # when a GPU is used (--use-gpu)
     use_gpu: str = "auto"  # auto | true | false
     launcher: str = "ray"  # ray: TorchTrainer | local: the same fit in-process, no Ray
     max_failures: int = 1
-    checkpoint: str = ""  # encoder checkpoint for probe / finetune; default <out>/ssl/model.pt
+    checkpoint: str = ""  # the encoder for probe / finetune / video, and analyze's "before"; default <out>/ssl/model.pt
     data: DataConfig = field(default_factory=DataConfig)
     model: ViTConfig = field(default_factory=ViTConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
@@ -199,6 +187,10 @@ class Config:
     def __post_init__(self):
         _check(self.preset in PRESETS, f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
         _check(self.num_workers >= 1, f"num_workers must be at least 1, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 0, f"cpus_per_worker must be non-negative, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker > 0, f"gpus_per_worker must be positive, got {self.gpus_per_worker}")
+        _check(self.launcher == "ray" or self.num_workers == 1,
+               f"the local launcher runs one worker, got num_workers {self.num_workers}: use --launcher ray")
         _check(self.use_gpu in ("auto", "true", "false"), f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
         _check(self.launcher in ("ray", "local"), f"launcher must be ray or local, got {self.launcher!r}")
         from raysslvit.data import IMG_SIZE
@@ -218,9 +210,8 @@ SECTIONS = {"data": DataConfig, "model": ViTConfig, "ssl": SSLConfig, "probe": P
             "finetune": FinetuneConfig, "analyze": AnalyzeConfig, "video": VideoConfig}
 
 PRESETS = {
-    # Embedded sample, tiny model: every stage in under a minute on a laptop CPU. With the study's
-    # 4 rotated patches the rotation task only takes off after ~100k images; 12 rotated patches
-    # (subset 1.0, mask 0.25) make it learnable from 2,250 images in seconds.
+    # Embedded sample, tiny model, every stage in under a minute; 12 rotated patches (subset 1.0, mask 0.25), as
+    # with the study's 4 the rotation task only takes off after ~100k images.
     "smoke": {
         "data.data": "sample",
         "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2,
@@ -230,8 +221,7 @@ PRESETS = {
         "finetune.epochs": 10, "finetune.batch_size": 128, "finetune.warmup_epochs": 1,
         "video.epochs": 4, "video.batch_size": 128, "video.lr": 2e-3, "video.warmup_epochs": 1,
     },
-    # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs (SSL 20, fine-tune 50). The
-    # conv stem led fine-tuning from epoch 2 on and ended at val 0.790 against the patch stem's 0.755-0.761.
+    # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs; the conv stem led fine-tuning on val.
     "cpu": {
         "data.data": "cifar10",
         "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4, "model.stem": "conv",
@@ -248,22 +238,47 @@ PRESETS = {
 }
 
 
-def parse_value(cls, name: str, text: str):
-    """Parse a CLI / YAML string into the type of field `name` of dataclass `cls`."""
+def parse_value(cls, name: str, value):
+    """A CLI / YAML / Tune value (text, or a number such as `depth: 4.0`) as the type of field `name`
+    of dataclass `cls`: coerced when no information is lost, else a user error naming the field."""
     f = {f.name: f for f in fields(cls)}.get(name)
     _check(f is not None, f"unknown config field {name!r} of {cls.__name__}")
     kind = type(f.default) if f.default is not dataclasses.MISSING else str
-    if not isinstance(text, str):
-        return tuple(text) if kind is tuple else text
+    if kind is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        _check(isinstance(items, (list, tuple)), f"{name} must be a list of numbers, got {value!r}")
+        return tuple(_number(name, v) for v in items if not (isinstance(v, str) and not v.strip()))
+    return _coerce(kind, name, value)
+
+
+def _number(name: str, value):
+    """An int when the value is integral text or an int, else a float."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else _coerce(float, name, value)
+
+
+def _coerce(kind: type, name: str, value):
+    bad = UserError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+    if kind is bool:
+        text = str(value).lower()
+        _check(text in ("true", "false", "1", "0"), f"{name} must be true or false, got {value!r}")
+        return text in ("true", "1")
+    if isinstance(value, bool):
+        raise bad
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
     try:
-        if kind is bool:
-            _check(text.lower() in ("true", "false", "1", "0"), f"{name} must be true or false, got {text!r}")
-            return text.lower() in ("true", "1")
-        if kind is tuple:
-            return tuple(int(v) if v.strip().isdigit() else float(v) for v in text.split(",") if v.strip())
-        return kind(text)
-    except ValueError:
-        raise UserError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+        number = float(value) if kind is int and not isinstance(value, int) else kind(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if kind is int and not isinstance(number, int):
+        if not float(number).is_integer():
+            raise bad
+        number = int(number)
+    return number
 
 
 def build_config(preset: str = "smoke", overrides: dict | None = None) -> Config:

@@ -39,3 +39,26 @@ def test_overrides_use_field_names_and_types():
 def test_invalid_values_are_user_errors(key, value, needle):
     with pytest.raises(UserError, match=needle):
         build_config("smoke", {key: value})
+
+
+def test_values_from_outside_the_cli_are_coerced_when_nothing_is_lost():
+    """A Tune space or YAML gives numbers and strings of the wrong type: `depth: 4.0`, `mask_ratio: "0.5"`."""
+    cfg = build_config("smoke", {"model.depth": 4.0, "ssl.mask_ratio": "0.5", "ssl.epochs": "3.0", "seed": 2,
+                                 "ssl.lr": 1, "probe.weight_decays": [0, "1e-3"], "finetune.augment": 0})
+    assert cfg.model.depth == 4 and type(cfg.model.depth) is int and cfg.ssl.epochs == 3
+    assert cfg.ssl.mask_ratio == 0.5 and type(cfg.ssl.lr) is float and cfg.probe.weight_decays == (0, 1e-3)
+    assert cfg.finetune.augment is False
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model.depth", 4.5, "depth must be an int, got 4.5"),
+    ("ssl.epochs", "2.5", "epochs must be an int"),
+    ("ssl.mask_ratio", "half", "mask_ratio must be a float"),
+    ("seed", True, "seed must be an int"),
+    ("ssl.objective", 3, "objective must be a str"),
+    ("probe.weight_decays", "0,x", "weight_decays must be a float"),
+    ("num_workers", 2, "local launcher runs one worker"),
+])
+def test_lossy_or_wrong_values_name_their_field(key, value, needle):
+    with pytest.raises(UserError, match=needle):
+        build_config("smoke", {key: value, **({"launcher": "local"} if key == "num_workers" else {})})
