@@ -24,12 +24,14 @@ class VideoTransformer(nn.Module):
         self.encoder = encoder
         self.temporal = temporal
         # Temporal block i starts as a copy of M's block (depth - K + i): the last K blocks, in order.
-        n = st_blocks if temporal == "transformer" else 0
-        self.temporal_blocks = nn.ModuleList(copy.deepcopy(encoder.blocks[(depth - n + i) % depth]) for i in range(n))
-        self.temporal_cls = nn.Parameter(encoder.cls_token.detach().clone())  # (1, 1, D), from M
-        self.temporal_pos = nn.Parameter(torch.zeros(1, clip_len + 1, D))
-        nn.init.trunc_normal_(self.temporal_pos, std=0.02)
-        self.temporal_norm = copy.deepcopy(encoder.norm)
+        if temporal == "transformer":
+            self.temporal_blocks = nn.ModuleList(copy.deepcopy(encoder.blocks[(depth - st_blocks + i) % depth])
+                                                 for i in range(st_blocks))
+            self.temporal_cls = nn.Parameter(encoder.cls_token.detach().clone())  # (1, 1, D), from M
+            self.temporal_pos = nn.Parameter(torch.zeros(1, clip_len + 1, D))
+            nn.init.trunc_normal_(self.temporal_pos, std=0.02)
+            self.temporal_norm = copy.deepcopy(encoder.norm)
+        # "mean" has no temporal parameters at all: DDP rejects parameters that get no gradient
         self.head = nn.Linear(D, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
