@@ -127,23 +127,27 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
         base.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         start, best, best_state, history = resume["epoch"] + 1, resume["best"], resume["best_state"], resume["history"]
+        set_rng_state(resume["rng"][ctx.rank], ctx.device)  # the draws continue where they stopped
         ctx.log(f"{task.name}: resumed after epoch {resume['epoch'] + 1}/{cfg.epochs}")
 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        train = _train_epoch(task, model, opt, splits, cfg, ctx, batcher(epoch), epoch * steps_per_epoch, total, warmup, lr)
+        batches = batcher(epoch)
+        train = _train_epoch(task, model, opt, splits, cfg, ctx, batches, epoch * steps_per_epoch, total, warmup, lr)
         model.eval()
         with autocast(ctx.device):
             val = task.evaluate(base, splits)
-        metrics = {"epoch": epoch + 1, **train, **val, "epoch_time_s": time.perf_counter() - t0}
+        metrics = {"epoch": epoch + 1, **train, **coverage(batches, len(splits.train_y), ctx), **val,
+                   "epoch_time_s": time.perf_counter() - t0}
         score = val[task.monitor] if task.monitor else epoch
         if score > best:
             best, best_state = score, copy.deepcopy(base.state_dict())
         history.append(metrics)
         ctx.log(f"{task.name} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch"))
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         state = {"model": base.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                 "best_state": best_state, "history": history, "model_config": base.encoder.cfg.to_dict()}
+                 "best_state": best_state, "history": history, "model_config": base.encoder.cfg.to_dict(),
+                 "rng": rng_states(ctx)}
         if epoch + 1 == cfg.epochs:
             break
         report(metrics, state if ctx.rank == 0 else None)
@@ -153,6 +157,36 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
     final = _finish(task, model, base, splits, ctx, history, state["best_state"])
     report(final, state if ctx.rank == 0 else None)
     return final
+
+
+def rng_states(ctx: WorkerContext) -> list[dict]:
+    """Every rank's torch RNG state (CPU, and the GPU's when used): all that training draws from
+    besides the seeded generators of batches and clips. A collective: every rank calls it."""
+    mine = {"cpu": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    if ctx.world_size == 1:
+        return [mine]
+    states = [None] * ctx.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return [{k: v.cpu() for k, v in s.items()} for s in states]
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def coverage(batches: list[torch.Tensor], n: int, ctx: WorkerContext) -> dict:
+    """Distinct train images this epoch over all ranks, and how many of them more than one rank (or
+    batch) used: what shows that the workers trained on disjoint shards."""
+    seen = torch.zeros(n, device=ctx.device)
+    idx = torch.cat([b.flatten() for b in batches])
+    seen.index_add_(0, idx, torch.ones(len(idx), device=ctx.device))
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(seen)
+    return {"train_images": int((seen > 0).sum()), "train_images_repeated": int((seen > 1).sum())}
 
 
 def _train_epoch(task, model, opt, splits, cfg, ctx, batches, first_step, total, warmup, lr) -> dict:
