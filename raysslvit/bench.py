@@ -124,13 +124,12 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
     if threads:
         from raysslvit.launch import start_ray
 
-        torch.set_num_threads(threads)
         start_ray(num_cpus=threads)
     out = {}
     for launcher in ("local", "ray"):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = build_config("cpu", {**overrides, "out": tmp, "launcher": launcher, "ssl.epochs": epochs,
-                                       "ssl.warmup_epochs": 0})
+                                       "ssl.warmup_epochs": 0, "cpus_per_worker": threads})
             t0 = time.perf_counter()
             metrics = ssl.run(cfg)
             out[launcher] = {"epoch_s": statistics.median(m["epoch_time_s"] for m in metrics["history"]),

@@ -102,18 +102,37 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
+def image_folder_digest(root: str, files: dict | None = None) -> str:
+    """What an ImageFolder tree holds, cheaply: every image's path under `root`, size and mtime."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder not found: {root}")
+    files = files if files is not None else _list_image_folder(root)
+    digest = hashlib.sha1()
+    for split, by_class in sorted(files.items()):
+        for cls, paths in sorted(by_class.items()):
+            for p in paths:
+                st = os.stat(p)
+                digest.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def source_digest(data: str, data_dir: str = "") -> str:
+    """The content of a data source, for the fingerprints of results made from it."""
+    if data == "sample":
+        with open(SAMPLE_ZIP, "rb") as f:
+            return "sample:" + hashlib.sha1(f.read()).hexdigest()
+    if data == "cifar10":
+        return "cifar10:torchvision"  # torchvision checks its files' md5 on every load
+    return "dir:" + image_folder_digest(data_dir)
+
+
 def load_image_folder(root: str, cache_dir: str) -> tuple:
     """An ImageFolder tree with train/ and test/, decoded once into a cache rebuilt when it changes."""
     if not os.path.isdir(root):
         raise UserError(f"data folder not found: {root}")
     files = _list_image_folder(root)
-    digest = hashlib.sha1(os.path.realpath(root).encode())
-    for split, by_class in sorted(files.items()):
-        for cls, paths in sorted(by_class.items()):
-            for p in paths:
-                st = os.stat(p)
-                digest.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = os.path.join(cache_dir, f"imagefolder-{digest.hexdigest()[:16]}.npz")
+    key = hashlib.sha1(f"{os.path.realpath(root)}|{image_folder_digest(root, files)}".encode())
+    cache = os.path.join(cache_dir, f"imagefolder-{key.hexdigest()[:16]}.npz")
     if os.path.exists(cache):
         with np.load(cache) as z:
             return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])

@@ -1,70 +1,31 @@
-"""The thin shell around a stage's per-worker function: Ray Train `TorchTrainer`, or the same
-function in-process (`--launcher local`, also for GPU machines without Ray).
+"""The backends that run a stage's per-worker function, and `launch`, which puts one in a run folder.
 
-A stage folder `<out>/<stage>/` holds `metrics.json`, `config.json`, `model.pt` and
-`checkpoints/`; an interrupted stage resumes from its latest checkpoint, a finished one is skipped.
+Backends: `local` (the same function in-process, also for GPU machines without Ray) and `ray` (a
+Ray Train `TorchTrainer`, DDP across `num_workers`). Both report every epoch (`on_epoch` in-process,
+Ray Train callbacks such as Tune's `TuneReportCallback` on Ray) and return (final metrics, latest
+checkpoint folder). The run folder (skip, resume, atomic writes) is `rundir.py`.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
 from typing import Callable
 
 import torch
 
-from raysslvit.artifacts import provenance, read_json, save_torch, write_json
-from raysslvit.config import SECTIONS, Config
+from raysslvit.artifacts import read_json, write_json
+from raysslvit.config import Config
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
+from raysslvit.rundir import RunFolder, load_state, stage_fingerprint, write_checkpoint
 
 # (cfg, ctx, report, resume_state) -> final metrics
 WorkerFn = Callable[[Config, WorkerContext, Callable, "dict | None"], dict]
-
-
-def stage_fingerprint(cfg: Config, section: str) -> dict:
-    """What must match for a checkpoint or result to belong to this config (as JSON)."""
-    d = json.loads(json.dumps(cfg.to_dict()))
-    return {"seed": d["seed"], "checkpoint": d["checkpoint"], "data": d["data"], "model": d["model"],
-            section: d[section]}
-
-
-def same_fingerprint(saved: dict | None, current: dict) -> bool:
-    """Equal, where a field that a saved result lacks (added to the config later) counts as its default."""
-    if saved is None or set(saved) != set(current):
-        return False
-    for key, value in current.items():
-        if isinstance(value, dict) and isinstance(saved[key], dict):
-            defaults = json.loads(json.dumps(asdict(SECTIONS[key]()))) if key in SECTIONS else {}
-            if any(saved[key].get(k, defaults.get(k)) != v for k, v in value.items()):
-                return False
-        elif saved[key] != value:
-            return False
-    return True
-
-
-def _write_checkpoint(directory: str, state: dict, meta: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    save_torch(os.path.join(directory, "state.pt"), state)
-    write_json(os.path.join(directory, "meta.json"), meta)
-
-
-def latest_checkpoint(stage_dir: str) -> str | None:
-    """The checkpoint folder with the highest epoch under `<stage_dir>/checkpoints/`, if any."""
-    found = []
-    for meta in glob.glob(os.path.join(stage_dir, "checkpoints", "*", "checkpoint_*", "meta.json")):
-        if os.path.exists(os.path.join(os.path.dirname(meta), "state.pt")):
-            found.append((read_json(meta)["epoch"], os.path.getmtime(meta), os.path.dirname(meta)))
-    return max(found)[2] if found else None
-
-
-def load_state(directory: str | None) -> dict | None:
-    return torch.load(os.path.join(directory, "state.pt"), weights_only=False) if directory else None
+# Test hook: the Ray Train worker of rank 0 exits once, after reporting this epoch (0: never).
+FAIL_AT_EPOCH = "RAYSSLVIT_TEST_FAIL_AT_EPOCH"
 
 
 def _use_gpu(cfg: Config, available: bool) -> bool:
@@ -84,20 +45,25 @@ def _call_worker(worker: WorkerFn, cfg: Config, ctx: WorkerContext, report: Call
 # --- local: the same worker function, in this process --------------------------------------------
 
 
-def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume: str | None):
+def run_local(worker: WorkerFn, cfg: Config, folder: RunFolder, meta: dict, resume: str | None,
+              on_epoch: Callable[[dict], None] | None = None, callbacks=None):
     device = torch.device("cuda" if _use_gpu(cfg, torch.cuda.is_available()) else "cpu")
+    if cfg.cpus_per_worker:
+        torch.set_num_threads(cfg.cpus_per_worker)
     ctx = WorkerContext(rank=0, world_size=1, device=device)
-    run_dir = os.path.join(stage_dir, "checkpoints", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = os.path.join(folder.checkpoints, f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     last = {"metrics": None, "checkpoint": None}
 
     def report(metrics: dict, state: dict | None):
         last["metrics"] = metrics
         if state is not None:
             directory = os.path.join(run_dir, f"checkpoint_{metrics['epoch']:06d}")
-            _write_checkpoint(directory, state, {**meta, "epoch": metrics["epoch"]})
+            write_checkpoint(directory, state, {**meta, "epoch": metrics["epoch"]})
             if last["checkpoint"]:
                 shutil.rmtree(last["checkpoint"], ignore_errors=True)
             last["checkpoint"] = directory
+        if on_epoch is not None:
+            on_epoch(metrics)
 
     _call_worker(worker, cfg, ctx, report, load_state(resume))
     return last["metrics"], last["checkpoint"]
@@ -107,9 +73,14 @@ def _run_local(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume
 
 
 def start_ray(**kwargs) -> None:
-    """`ray.init` for a Ray this process starts, the way every caller starts it (keywords pass through)."""
+    """Join the Ray this process already runs in (a Tune trial) or the one `RAY_ADDRESS` names (a
+    cluster); else start a local one. Keywords pass through to a Ray this call starts."""
     import ray
 
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        kwargs = {}  # a cluster's resources are its own
     ray.init(log_to_driver=True, configure_logging=False, **kwargs)
 
 
@@ -124,87 +95,107 @@ def _quiet_ray_reports() -> None:
 
 
 def _ray_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: build the context, resume, call the stage's worker."""
+    """Runs on every Ray Train worker: build the context, resume, call the stage's worker. A user
+    error is written for the driver to raise, not raised here, so Ray Train does not retry it."""
     import ray.train
     import ray.train.torch
 
     torch.set_num_threads(loop_config["threads"])  # Ray sets 1 thread per CPU resource by default
     _quiet_ray_reports()
-    cfg, meta = loop_config["cfg"], loop_config["meta"]
+    cfg, meta, fail_at = loop_config["cfg"], loop_config["meta"], loop_config["fail_at_epoch"]
     tc = ray.train.get_context()
     ctx = WorkerContext(rank=tc.get_world_rank(), world_size=tc.get_world_size(),
                         device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model)
-    resume = None
-    if (ckpt := ray.train.get_checkpoint()) is not None:
-        with ckpt.as_directory() as d:
-            resume = load_state(d)
 
     def report(metrics: dict, state: dict | None):
         if state is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            _write_checkpoint(tmp, state, {**meta, "epoch": metrics["epoch"]})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_checkpoint(tmp, state, {**meta, "epoch": metrics["epoch"]})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if fail_at and metrics["epoch"] == fail_at and ctx.rank == 0:
+            fired = os.path.join(loop_config["storage"], f"failed-at-{fail_at}")
+            if not os.path.exists(fired):  # once: the restarted worker passes this epoch again
+                open(fired, "w").close()
+                os._exit(1)
 
-    _call_worker(loop_config["worker"], cfg, ctx, report, resume)
+    try:
+        resume = None
+        if (ckpt := ray.train.get_checkpoint()) is not None:
+            with ckpt.as_directory() as d:
+                resume = load_state(d)
+        _call_worker(loop_config["worker"], cfg, ctx, report, resume)
+    except UserError as e:  # Ray Train retries every worker error: this one ends the run, said by a file
+        write_json(loop_config["user_error"], {"rank": ctx.rank, "error": str(e)})
 
 
-def _run_ray(worker: WorkerFn, cfg: Config, stage_dir: str, meta: dict, resume: str | None):
+def _worker_resources(cfg: Config) -> tuple[int, bool, dict]:
+    """(threads, use_gpu, resources per worker): never more CPUs than this machine has or Ray has free."""
+    import ray
+
+    use_gpu = _use_gpu(cfg, ray.cluster_resources().get("GPU", 0) > 0)
+    free = int(ray.available_resources().get("CPU", 0))
+    cpus = cfg.cpus_per_worker or max(1, min(os.cpu_count() or 1, free) // cfg.num_workers)
+    return cpus, use_gpu, {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+
+
+def run_ray(worker: WorkerFn, cfg: Config, folder: RunFolder, meta: dict, resume: str | None,
+            on_epoch=None, callbacks: list | None = None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        start_ray()
-    resources = ray.cluster_resources()
-    use_gpu = _use_gpu(cfg, resources.get("GPU", 0) > 0)
-    cpus = max(1, int(resources.get("CPU", 1)) // cfg.num_workers)
+    start_ray()
+    threads, use_gpu, resources = _worker_resources(cfg)
+    storage = os.path.abspath(folder.checkpoints)
+    name = f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    user_error = os.path.join(storage, f"{name}.user_error.json")
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": cfg, "worker": worker, "meta": meta, "threads": cpus},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=f"ray-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=os.path.abspath(os.path.join(stage_dir, "checkpoints")),
+        train_loop_config={"cfg": cfg, "worker": worker, "meta": meta, "threads": threads, "storage": storage,
+                           "user_error": user_error, "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH) or 0)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or []),
         resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume) if resume else None,
     )
     result = trainer.fit()
+    if os.path.exists(user_error):
+        message = read_json(user_error)["error"]
+        os.remove(user_error)
+        raise UserError(message)
     return result.metrics, result.checkpoint.path if result.checkpoint else None
+
+
+BACKENDS = {"local": run_local, "ray": run_ray}
 
 
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool = False) -> dict:
-    """Run one stage's `worker` under the configured launcher and write its results atomically."""
-    stage_dir = os.path.join(cfg.out_dir, stage)
-    fingerprint = stage_fingerprint(cfg, section)
-    metrics_path = os.path.join(stage_dir, "metrics.json")
+def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool = False,
+           inputs: dict[str, str] | None = None, on_epoch: Callable[[dict], None] | None = None,
+           callbacks: list | None = None) -> dict:
+    """Run one stage's `worker` under the configured backend in its run folder `<out>/<stage>/`:
+    skipped when a result of the same fingerprint (config, `inputs` files' content, data) exists,
+    resumed from a checkpoint of that fingerprint, else started over. `on_epoch(metrics)` (in-process)
+    and Ray Train `callbacks` see every epoch's report; the last one carries the final metrics."""
+    folder = RunFolder(cfg.out_dir, stage, stage_fingerprint(cfg, section, inputs))
     if fresh:
-        shutil.rmtree(os.path.join(stage_dir, "checkpoints"), ignore_errors=True)
-    elif os.path.exists(metrics_path) and same_fingerprint(read_json(os.path.join(stage_dir, "config.json")).get("fingerprint"), fingerprint):
-        print(f"{stage}: done already in {stage_dir} (--fresh to redo)", flush=True)
-        return read_json(metrics_path)
-    resume = None if fresh else latest_checkpoint(stage_dir)
-    if resume and not same_fingerprint(read_json(os.path.join(resume, "meta.json")).get("fingerprint"), fingerprint):
-        raise UserError(f"{resume} was written with a different config: use --fresh or another --out")
-
-    meta = {"stage": stage, "fingerprint": fingerprint}
-    if cfg.launcher == "local":
-        metrics, checkpoint = _run_local(worker, cfg, stage_dir, meta, resume)
-    else:
-        metrics, checkpoint = _run_ray(worker, cfg, stage_dir, meta, resume)
-
+        folder.clear_checkpoints()
+    elif (done := folder.finished()) is not None:
+        return done
+    resume = None if fresh else folder.resume_point()
+    meta = {"stage": stage, "fingerprint": folder.fingerprint}
+    metrics, checkpoint = BACKENDS[cfg.launcher](worker, cfg, folder, meta, resume, on_epoch=on_epoch,
+                                                 callbacks=callbacks)
     state = load_state(checkpoint)
+    model = None
     if state is not None:  # the model config travels with the weights (fine-tuning keeps M's shape)
-        save_torch(os.path.join(stage_dir, "model.pt"),
-                   {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]})
-    write_json(os.path.join(stage_dir, "config.json"),
-               {"config": cfg.to_dict(), "fingerprint": fingerprint, "seed": cfg.seed, **provenance()})
-    write_json(metrics_path, metrics)
+        model = {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]}
+    folder.write(cfg, metrics, model, inputs=inputs or {})
     print(f"{stage}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                  if k.startswith(("val_", "test_")) and isinstance(v, float)) + f"  -> {stage_dir}", flush=True)
+                                  if k.startswith(("val_", "test_")) and isinstance(v, float)) + f"  -> {folder.path}", flush=True)
     return metrics

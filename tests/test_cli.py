@@ -63,7 +63,7 @@ def test_wrong_image_size(tmp_path):
     ("--mask-ratio", "1.5", "mask_ratio"),
     ("--subset-ratio", "0", "subset_ratio"),
     ("--patch-size", "5", "does not divide"),
-    ("--epochs", "abc", "epochs must be a int"),
+    ("--epochs", "abc", "epochs must be an int"),
     ("--preset", "huge", "unknown preset"),
 ])
 def test_invalid_config_values(tmp_path, flag, value, needle):

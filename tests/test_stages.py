@@ -63,7 +63,7 @@ def test_probe_and_finetune_beat_chance(smoke_run):
 
 def test_finetune_starts_from_model_m(smoke_run):
     m = load_encoder(str(smoke_run / "ssl" / "model.pt"))
-    saved = torch.load(smoke_run / "finetune" / "model.pt", weights_only=False)
+    saved = torch.load(smoke_run / "finetune" / "model.pt", weights_only=True)
     assert set(saved["state_dict"]) >= {"head.weight", "encoder.pos_embed"}
     shape = lambda c: {k: v for k, v in c.items() if k != "drop_path"}  # fine-tuning adds stochastic depth
     assert shape(saved["model_config"]) == shape(m.cfg.to_dict()) and saved["model_config"]["drop_path"] == 0.1

@@ -1,6 +1,7 @@
 """Stages 4-5: similarity maps and CKA of model M against the fine-tuned model, over the test set.
 
-Runs in-process (forward passes only). Writes `<out>/analyze/metrics.json`, `maps.png`,
+Runs in-process (forward passes only), in its run folder like every stage (skipped while both
+models' weights, the data and the config are unchanged). Writes `<out>/analyze/metrics.json`, `maps.png`,
 `tokens.png`, `cka.png` and the raw arrays in `arrays.npz`.
 """
 from __future__ import annotations
@@ -11,12 +12,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 
-from raysslvit.artifacts import atomic_path, provenance, write_json
+from raysslvit.artifacts import atomic_path, read_json
 from raysslvit.config import Config
 from raysslvit.data import normalize
 from raysslvit.errors import UserError
 from raysslvit.metrics.cka import cka_matrix, linear_cka, minibatch_cka
 from raysslvit.metrics.similarity import cls_patch_similarity, focus, similarity_map, token_similarity
+from raysslvit.rundir import RunFolder, file_digest, stage_fingerprint
 from raysslvit.stages.common import encoder_path, load_data, load_encoder
 from raysslvit.vit import VisionTransformer
 
@@ -103,16 +105,37 @@ def _save(fig, path):
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+def model_paths(cfg: Config) -> dict[str, str]:
+    """before: --before, --checkpoint or this run's M; after: --after, or the fine-tuned model of
+    `before` in this run, which must have been fine-tuned from exactly those weights."""
+    a = cfg.analyze
+    before = a.before or encoder_path(cfg, "ssl")
+    for path in (before, a.after):
+        if path and not os.path.isfile(path):
+            raise UserError(f"checkpoint not found: {path}")
+    if a.after:
+        return {"before": before, "after": a.after}
+    after = os.path.join(cfg.out_dir, "finetune", "model.pt")
+    saved = os.path.join(cfg.out_dir, "finetune", "config.json")
+    made_from = read_json(saved).get("fingerprint", {}).get("inputs", {}).get("checkpoint") if os.path.exists(saved) else None
+    if not os.path.isfile(after) or made_from != file_digest(before):
+        raise UserError(f"no fine-tuned model of {before} in {cfg.out_dir}/finetune: run `python -m raysslvit "
+                        f"finetune --checkpoint {before}` with this --out first, or pass --after PATH")
+    return {"before": before, "after": after}
+
+
 def run(cfg: Config, fresh: bool = False) -> dict:
     a = cfg.analyze
-    paths = {"before": a.before or encoder_path(cfg, "ssl"), "after": a.after or encoder_path(cfg, "finetune")}
+    paths = model_paths(cfg)
     models = {k: load_encoder(p) for k, p in paths.items()}
+    folder = RunFolder(cfg.out_dir, "analyze", stage_fingerprint(cfg, "analyze", paths))
+    if not fresh and (done := folder.finished()) is not None:
+        return done
     splits = load_data(cfg)
     x, y = splits.test_x, splits.test_y
     samples = [int(i) for i in a.samples] or pick_samples(y, 3, cfg.seed)
     if max(samples) >= len(y):
         raise UserError(f"sample index {max(samples)} is outside the test split ({len(y)} images)")
-    out_dir = os.path.join(cfg.out_dir, "analyze")
     metrics, arrays = {"samples": samples, "n_test": len(y)}, {"samples": np.array(samples)}
     for key, enc in models.items():
         c = collect(enc, x, a.batch_size)
@@ -130,13 +153,11 @@ def run(cfg: Config, fresh: bool = False) -> dict:
         arrays[f"entropy_{key}"], arrays[f"top4_{key}"] = c["entropy"].numpy(), c["top4"].numpy()
     images = x[samples].permute(0, 2, 3, 1).numpy()
     titles = [f"#{i} {splits.classes[int(y[i])]}" for i in samples]
-    plot_maps(images, arrays["maps_before"], arrays["maps_after"], titles, os.path.join(out_dir, "maps.png"))
-    plot_tokens(arrays["tokens_before"], arrays["tokens_after"], titles, os.path.join(out_dir, "tokens.png"))
-    plot_cka(arrays["cka_layers_before"], arrays["cka_layers_after"], os.path.join(out_dir, "cka.png"))
-    with atomic_path(os.path.join(out_dir, "arrays.npz")) as tmp, open(tmp, "wb") as f:
+    plot_maps(images, arrays["maps_before"], arrays["maps_after"], titles, os.path.join(folder.path, "maps.png"))
+    plot_tokens(arrays["tokens_before"], arrays["tokens_after"], titles, os.path.join(folder.path, "tokens.png"))
+    plot_cka(arrays["cka_layers_before"], arrays["cka_layers_after"], os.path.join(folder.path, "cka.png"))
+    with atomic_path(os.path.join(folder.path, "arrays.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    write_json(os.path.join(out_dir, "config.json"), {"config": cfg.to_dict(), "models": paths, "seed": cfg.seed,
-                                                      **provenance()})
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    folder.write(cfg, metrics, inputs=paths)
     print("analyze " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
     return metrics

@@ -30,7 +30,7 @@ def encoder_path(cfg: Config, default_stage: str = "ssl") -> str:
 def read_checkpoint(path: str) -> dict:
     """A raysslvit model.pt: {"stage", "model_config", "state_dict"}; a clear error otherwise."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code runs
         ViTConfig(**saved["model_config"]), saved["state_dict"], saved["stage"]
     except UserError:
         raise

@@ -52,7 +52,8 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     return fit(task, splits, cfg.finetune, ctx, report, resume, seed=cfg.seed, layer_decay=cfg.finetune.layer_decay)
 
 
-def run(cfg: Config, fresh: bool = False) -> dict:
+def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
+    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
     load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
     load_data(cfg)
-    return launch("finetune", "finetune", worker, cfg, fresh)
+    return launch("finetune", "finetune", worker, cfg, fresh, {"checkpoint": encoder_path(cfg)}, **hooks)

@@ -109,7 +109,8 @@ def stage_name(cfg: Config) -> str:
     return "probe" if source == "ssl" else f"probe_{source}"
 
 
-def run(cfg: Config, fresh: bool = False) -> dict:
+def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
+    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
     load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
     load_data(cfg)
-    return launch(stage_name(cfg), "probe", worker, cfg, fresh)
+    return launch(stage_name(cfg), "probe", worker, cfg, fresh, {"checkpoint": encoder_path(cfg)}, **hooks)

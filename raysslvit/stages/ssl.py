@@ -85,6 +85,7 @@ def stage_name(cfg: Config) -> str:
     return OBJECTIVES[cfg.ssl.objective].name
 
 
-def run(cfg: Config, fresh: bool = False) -> dict:
+def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
+    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
     load_data(cfg)  # bad data fails here, in one line, before any worker starts
-    return launch(stage_name(cfg), "ssl", worker, cfg, fresh)
+    return launch(stage_name(cfg), "ssl", worker, cfg, fresh, **hooks)

@@ -86,7 +86,8 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     return fit(task, splits, v, ctx, report, resume, seed=cfg.seed, layer_decay=v.layer_decay, batcher=batcher)
 
 
-def run(cfg: Config, fresh: bool = False) -> dict:
+def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
+    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
     load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
     ClipSampler(load_data(cfg).train_y, cfg.video.clip_len)  # a class too small for one clip, likewise
-    return launch(stage_name(cfg), "video", worker, cfg, fresh)
+    return launch(stage_name(cfg), "video", worker, cfg, fresh, {"checkpoint": encoder_path(cfg)}, **hooks)

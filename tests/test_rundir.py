@@ -1,0 +1,134 @@
+"""The run folder: results keyed by what produced them, exact resume after a killed driver, safe loading."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from raysslvit.__main__ import main
+from raysslvit.artifacts import read_json
+from raysslvit.config import build_config
+from raysslvit.rundir import fingerprint_changes, latest_checkpoint, stage_fingerprint, write_checkpoint
+from test_cli import ROOT, assert_one_line_error, cli
+
+
+def test_fingerprint_tells_configs_apart_and_tolerates_fields_added_later():
+    a = stage_fingerprint(build_config("smoke"), "ssl")
+    assert fingerprint_changes(a, stage_fingerprint(build_config("smoke"), "ssl")) == []
+    assert fingerprint_changes(a, stage_fingerprint(build_config("smoke", {"ssl.mask_ratio": 0.75}), "ssl")) == ["ssl.mask_ratio"]
+    assert fingerprint_changes(a, stage_fingerprint(build_config("smoke", {"seed": 1}), "ssl")) == ["seed"]
+    assert fingerprint_changes(a, stage_fingerprint(build_config("smoke", {"num_workers": 2}), "ssl")) == ["num_workers"]
+    assert fingerprint_changes(a, stage_fingerprint(build_config("smoke", {"finetune.lr": 0.1}), "ssl")) == []
+    older = {**a, "ssl": {k: v for k, v in a["ssl"].items() if k != "temperature"}}  # saved before the field existed
+    assert fingerprint_changes(older, a) == []
+    assert fingerprint_changes(older, stage_fingerprint(build_config("smoke", {"ssl.temperature": 0.5}), "ssl")) == ["ssl.temperature"]
+    assert fingerprint_changes(None, a)
+
+
+def test_fingerprint_holds_the_content_of_inputs_and_data(tmp_path):
+    m = tmp_path / "m.pt"
+    m.write_bytes(b"weights one")
+    cfg = build_config("smoke")
+    a = stage_fingerprint(cfg, "finetune", {"checkpoint": str(m)})
+    os.rename(m, tmp_path / "moved.pt")  # where the file is does not matter, what it holds does
+    assert fingerprint_changes(a, stage_fingerprint(cfg, "finetune", {"checkpoint": str(tmp_path / "moved.pt")})) == []
+    (tmp_path / "moved.pt").write_bytes(b"weights two")
+    assert fingerprint_changes(a, stage_fingerprint(cfg, "finetune", {"checkpoint": str(tmp_path / "moved.pt")})) == ["inputs.checkpoint"]
+    tree = tmp_path / "tree" / "train" / "a"
+    tree.mkdir(parents=True)
+    (tree / "x.png").write_bytes(b"1")
+    d = build_config("smoke", {"data.data_dir": str(tmp_path / "tree")})
+    before = stage_fingerprint(d, "ssl")
+    (tree / "y.png").write_bytes(b"2")
+    assert fingerprint_changes(before, stage_fingerprint(d, "ssl")) == ["data.source"]
+
+
+def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
+    stage = tmp_path / "ssl"
+    assert latest_checkpoint(str(stage)) is None
+    for run, epoch in (("ray-1", 3), ("local-2", 5), ("ray-3", 4)):
+        write_checkpoint(str(stage / "checkpoints" / run / f"checkpoint_{epoch}"), {"epoch": epoch}, {"epoch": epoch})
+    assert os.path.basename(latest_checkpoint(str(stage))) == "checkpoint_5"
+
+
+def test_a_new_m_redoes_the_finetune(tmp_path, capsys):
+    """ssl, finetune, ssl --fresh with another masking ratio, finetune: the second fine-tune is fresh.
+    (The smoke preset masks 0.25 of set A, so 0.5 is the change here.)"""
+    out = ["--launcher", "local", "--out", str(tmp_path)]
+    assert main(["ssl", *out, "--epochs", "2"]) == 0
+    assert main(["finetune", *out, "--epochs", "2"]) == 0
+    first = read_json(tmp_path / "finetune" / "metrics.json")
+    assert main(["ssl", *out, "--epochs", "2", "--fresh", "--set", "ssl.mask_ratio=0.5"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", *out, "--epochs", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "done already" not in said and "finetune: redoing: inputs.checkpoint changed" in said
+    second = read_json(tmp_path / "finetune" / "metrics.json")
+    assert second["history"][0]["train_loss"] != first["history"][0]["train_loss"]
+    assert main(["finetune", *out, "--epochs", "2"]) == 0  # nothing changed since: reused
+    assert "finetune: done already" in capsys.readouterr().out
+    assert main(["finetune", *out, "--epochs", "3"]) == 0  # its own config changed: redone
+    assert "redoing: finetune.epochs" in capsys.readouterr().out
+
+
+def test_analyze_checkpoint_means_that_model_and_its_fine_tuned_one(tmp_path, capsys):
+    out = ["--launcher", "local", "--out", str(tmp_path)]
+    assert main(["ssl", *out, "--epochs", "1"]) == 0
+    m = str(tmp_path / "ssl" / "model.pt")
+    assert main(["analyze", *out, "--checkpoint", m]) == 2  # no fine-tuned model of it yet
+    assert "no fine-tuned model of" in capsys.readouterr().err
+    assert main(["finetune", *out, "--epochs", "1"]) == 0
+    assert main(["analyze", *out, "--checkpoint", m]) == 0
+    assert read_json(tmp_path / "analyze" / "config.json")["inputs"] == {"before": m, "after": str(tmp_path / "finetune" / "model.pt")}
+    assert main(["finetune", *out, "--epochs", "1", "--checkpoint", str(tmp_path / "finetune" / "model.pt"),
+                 "--out", str(tmp_path / "other")]) == 0
+    assert main(["analyze", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "other" / "finetune" / "model.pt")]) == 2
+    assert "no fine-tuned model of" in capsys.readouterr().err
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """SIGKILL the driver once epoch 2's checkpoint exists; the same command resumes and ends with
+    the metrics of a run that was never interrupted."""
+    args = ["ssl", "--launcher", "local", "--epochs", "5", "--set", "ssl.warmup_epochs=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "raysslvit", *args, "--out", str(tmp_path / "killed")],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(str(tmp_path / "killed" / "ssl")) is None or \
+            read_json(os.path.join(latest_checkpoint(str(tmp_path / "killed" / "ssl")), "meta.json"))["epoch"] < 2:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "ssl" / "metrics.json").exists()
+    resumed = cli(*args, "--out", str(tmp_path / "killed"))
+    assert resumed.returncode == 0 and "resumed after epoch" in resumed.stdout, resumed.stderr
+    assert cli(*args, "--out", str(tmp_path / "whole")).returncode == 0
+    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s")}
+    a, b = (read_json(tmp_path / run / "ssl" / "metrics.json") for run in ("killed", "whole"))
+    assert [untimed(h) for h in a.pop("history")] == [untimed(h) for h in b.pop("history")]
+    assert untimed(a) == untimed(b)
+
+
+class _RunsCode:
+    """Unpickled, it runs a shell command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"stage": "ssl", "model_config": {}, "state_dict": _RunsCode(f"touch {marker}")}, evil)
+    assert_one_line_error(cli("finetune", "--launcher", "local", "--out", str(tmp_path / "out"),
+                              "--checkpoint", str(evil)), "not a raysslvit checkpoint", "evil.pt")
+    assert_one_line_error(cli("analyze", "--out", str(tmp_path / "out"), "--before", str(evil),
+                              "--after", str(evil)), "not a raysslvit checkpoint", "evil.pt")
+    assert not marker.exists()
