@@ -170,7 +170,7 @@ class Config:
     out: str = ""  # default runs/<preset>
     seed: int = 0
     num_workers: int = 1  # Ray Train workers (DDP); the local launcher runs one
-    cpus_per_worker: int = 0  # 0: the local CPUs (at most those Ray has free) shared by the workers
+    cpus_per_worker: int = 0  # 0: this machine's CPUs shared by the workers (inside a Tune trial: those still free)
     gpus_per_worker: float = 1.0  # when a GPU is used (--use-gpu)
     use_gpu: str = "auto"  # auto | true | false
     launcher: str = "ray"  # ray: TorchTrainer | local: the same fit in-process, no Ray

@@ -131,12 +131,14 @@ def _ray_worker(loop_config: dict) -> None:
 
 
 def _worker_resources(cfg: Config) -> tuple[int, bool, dict]:
-    """(threads, use_gpu, resources per worker): never more CPUs than this machine has or Ray has free."""
+    """(threads, use_gpu, resources per worker): by default this machine's CPUs shared by the workers;
+    inside a Ray actor (a Tune trial) only what is still free, the trial holding its own share."""
     import ray
 
     use_gpu = _use_gpu(cfg, ray.cluster_resources().get("GPU", 0) > 0)
-    free = int(ray.available_resources().get("CPU", 0))
-    cpus = cfg.cpus_per_worker or max(1, min(os.cpu_count() or 1, free) // cfg.num_workers)
+    # the driver counts all of Ray's CPUs: a stage that just ended may not have handed its own back yet
+    pool = ray.available_resources() if ray.get_runtime_context().get_actor_id() else ray.cluster_resources()
+    cpus = cfg.cpus_per_worker or max(1, min(os.cpu_count() or 1, int(pool.get("CPU", 0))) // cfg.num_workers)
     return cpus, use_gpu, {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
 
 
