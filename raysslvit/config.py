@@ -68,6 +68,9 @@ class SSLConfig(TrainConfig):
     norm_pix: bool = False  # reconstruct per-patch normalised pixels (MAE's norm_pix_loss)
     temperature: float = 0.2  # infonce only
     proj_dim: int = 128  # infonce only: projection head width
+    # the SSL losses are nearly solved within a few epochs: a k-NN accuracy on val ranks configs instead
+    knn_bank: int = 10000  # seeded train images the k-NN monitor compares val with; 0 turns it off
+    knn_k: int = 20
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +80,7 @@ class SSLConfig(TrainConfig):
         _check(0 < self.subset_ratio <= 1, f"subset_ratio must be in (0, 1], got {self.subset_ratio}")
         _check(0 <= self.mask_ratio <= 1, f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         _check(self.recon_weight >= 0, f"recon_weight must be non-negative, got {self.recon_weight}")
+        _check(self.knn_bank >= 0 and self.knn_k >= 1, f"knn_bank must be >= 0 and knn_k >= 1, got {self.knn_bank}, {self.knn_k}")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def test_ssl_learns_rotation(smoke_run):
     m = read_json(smoke_run / "ssl" / "metrics.json")
     assert m["val_rotation_acc"] > 0.35  # chance is 0.25
     assert m["history"][-1]["val_recon_mse"] < m["history"][0]["val_recon_mse"]
+    assert all("val_knn_acc_cls" in h for h in m["history"]) and m["val_knn_acc_tokens"] > 0.2  # the k-NN monitor
 
 
 def test_probe_and_finetune_beat_chance(smoke_run):

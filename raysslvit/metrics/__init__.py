@@ -1,1 +1,1 @@
-"""Representation metrics: plain functions of tensors (CKA, token similarity)."""
+"""Representation metrics: plain functions of tensors (CKA, token similarity, k-NN accuracy)."""

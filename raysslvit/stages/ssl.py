@@ -8,9 +8,26 @@ from raysslvit.config import Config, SSLConfig
 from raysslvit.data import normalize, simclr_augment
 from raysslvit.engine import WorkerContext, fit
 from raysslvit.launch import launch
+from raysslvit.metrics.knn import knn_accuracy
 from raysslvit.ssl import ContrastiveHeads, SSLHeads, corrupt, info_nce_loss, masked_rotation_loss, recon_targets
 from raysslvit.stages.common import load_data
+from raysslvit.stages.probe import extract_features
 from raysslvit.vit import VisionTransformer
+
+
+@torch.no_grad()
+def knn_monitor(encoder: VisionTransformer, splits, cfg: SSLConfig) -> dict:
+    """Weighted k-NN accuracy on val of the final CLS and of all final tokens (the probe's feature
+    sets), against a seeded subset of train: class separability, every epoch, for ranking SSL configs."""
+    if not cfg.knn_bank:
+        return {}
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randperm(len(splits.train_y), generator=g)[:cfg.knn_bank].to(splits.train_y.device)
+    kinds = ("cls", "tokens")
+    train = extract_features(encoder, splits.train_x[bank], 1, kinds)
+    val = extract_features(encoder, splits.val_x, 1, kinds)
+    return {f"val_knn_acc_{k}": knn_accuracy(train[k], splits.train_y[bank], val[k], splits.val_y, cfg.knn_k)
+            for k in kinds}
 
 
 class MaskedRotationTask:
@@ -39,7 +56,7 @@ class MaskedRotationTask:
             hits += (rot_logits.argmax(1) == c.rot_label).sum().item()
             sq += ((recon.float() - recon_targets(c.targets, self.cfg.norm_pix)) ** 2).mean((1, 2)).sum().item()
             n += len(c.rot_label)
-        return {"val_rotation_acc": hits / n, "val_recon_mse": sq / n}
+        return {"val_rotation_acc": hits / n, "val_recon_mse": sq / n, **knn_monitor(model.encoder, splits, self.cfg)}
 
     def finish(self, model, splits):
         return {}
@@ -66,7 +83,8 @@ class InfoNCETask:
         g = torch.Generator(device=splits.val_x.device).manual_seed(1234)
         parts = [self._loss(model, splits.val_x[i:i + 512], g) for i in range(0, len(splits.val_x), 512)]
         return {"val_infonce_loss": sum(float(l) for l, _ in parts) / len(parts),
-                "val_pair_acc": sum(float(p["pair_acc"]) for _, p in parts) / len(parts)}
+                "val_pair_acc": sum(float(p["pair_acc"]) for _, p in parts) / len(parts),
+                **knn_monitor(model.encoder, splits, self.cfg)}
 
     def finish(self, model, splits):
         return {}
