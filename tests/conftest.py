@@ -1,7 +1,13 @@
 """Shared fixtures: a real local Ray (2 CPUs) and the path of the JPEG copy of CIFAR-10, if present."""
+import glob
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 
 JPEG_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10-jpeg")
 
@@ -18,3 +24,38 @@ def ray_local():
     start_ray(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+def write_space(tmp_path, **changes) -> str:
+    """A two-trial study file on the smoke preset, small enough for a test."""
+    spec = {"stages": ["ssl", "probe"], "preset": "smoke", "overrides": {"ssl.epochs": 2, "probe.epochs": 3},
+            "space": {"ssl.mask_ratio": {"grid": [0.25, 0.5]}}, "metric": "val_knn_acc_tokens",
+            "scheduler": {"type": "none"}, **changes}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tune_study(tmp_path_factory):
+    """A real two-trial Tune study, interrupted with Ctrl-C once its first trial finished, then
+    finished with --resume. Returns its folder, the first trial's records before the resume, and
+    the resumed run."""
+    tmp = tmp_path_factory.mktemp("tune")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    args = [sys.executable, "-m", "raysslvit.tune", "--space", write_space(tmp), "--storage-path", str(tmp / "t")]
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finished = lambda: [p for p in glob.glob(str(tmp / "t" / "study" / "trial_*" / "result.json"))
+                        if "stages_done" in open(p).read()]
+    deadline = time.time() + 300
+    while not finished():
+        assert proc.poll() is None and time.time() < deadline, "the study ended before it could be interrupted"
+        time.sleep(0.5)
+    first = finished()[0]
+    records = open(first).read()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    resumed = subprocess.run([*args, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return {"path": tmp / "t" / "study", "first_trial": first, "first_records": records, "resumed": resumed}

@@ -1,0 +1,243 @@
+"""Ray Tune studies: `python -m raysslvit.tune --space NAME|path.yaml`.
+
+A study file (tune_spaces/NAME.yaml) names the stages every trial runs in order, the base preset,
+the search space by config field names, the seeds (a grid axis: every point gets every seed), the
+validation metric Tune ranks and stops trials by, the scheduler, samples and resources. Each trial
+is a Tune function that runs its stages through `launch` (one TorchTrainer per trained stage); the
+last trained stage reports every epoch to Tune (`TuneReportCallback`), so ASHA can stop it early,
+and the trial's last report adds every stage's final figures (test figures only then). The study
+writes `results.parquet` and `results.csv`, one row per trial, beside Tune's own files.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import replace
+
+import yaml
+
+from raysslvit.artifacts import atomic_path
+from raysslvit.config import build_config
+from raysslvit.errors import UserError
+
+SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tune_spaces")
+KEYS = {"description", "shared", "stages", "preset", "overrides", "space", "seeds", "metric", "mode", "scheduler",
+        "num_samples", "resources"}
+SAMPLERS = ("grid", "choice", "uniform", "loguniform")
+TRAINED = ("ssl", "finetune", "video")  # stages that report every epoch
+
+
+def _stage_runners() -> dict:
+    from raysslvit.stages import STAGES
+
+    return {name: run for name, (_, run) in STAGES.items()}
+
+
+# --- the study file -------------------------------------------------------------------------------
+
+
+def load_space(name: str) -> dict:
+    """Read and check a study file (a name in tune_spaces/ or a path); every value the config would
+    reject is found here, before any trial starts."""
+    path = name if name.endswith((".yaml", ".yml")) else os.path.join(SPACES_DIR, f"{name}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(f[:-5] for f in os.listdir(SPACES_DIR) if f.endswith(".yaml"))
+        raise UserError(f"unknown study {name!r}: use one of {', '.join(known)} or a path to a YAML file")
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    where = os.path.basename(path)
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: expected a mapping of study settings")
+    if unknown := sorted(set(spec) - KEYS):
+        raise UserError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+    spec = {"preset": "smoke", "shared": [], "overrides": {}, "seeds": [0], "mode": "max", "scheduler": {"type": "none"},
+            "num_samples": 1, "resources": {"trial_cpu": 1}, **spec, "path": path}
+    stages = spec.get("stages")
+    if not isinstance(stages, list) or not stages or any(s not in _stage_runners() for s in stages):
+        raise UserError(f"{where}: stages must list stages of {', '.join(_stage_runners())}, got {stages!r}")
+    if spec["shared"] not in ([], ["ssl"]):
+        raise UserError(f"{where}: shared may only hold [ssl] (model M, trained once for every trial), got {spec['shared']!r}")
+    if not any(s in TRAINED for s in stages):
+        raise UserError(f"{where}: stages must include a trained stage ({', '.join(TRAINED)}) to report epochs")
+    if not isinstance(spec.get("space"), dict) or not spec["space"]:
+        raise UserError(f"{where}: space must map config fields to a sampler ({', '.join(SAMPLERS)})")
+    if not str(spec.get("metric", "")).startswith("val_"):
+        raise UserError(f"{where}: metric must be a validation metric (val_...), got {spec.get('metric')!r}")
+    if spec["mode"] not in ("max", "min"):
+        raise UserError(f"{where}: mode must be max or min, got {spec['mode']!r}")
+    if not isinstance(spec["seeds"], list) or not all(isinstance(s, int) for s in spec["seeds"]) or not spec["seeds"]:
+        raise UserError(f"{where}: seeds must be a list of integers, got {spec['seeds']!r}")
+    sched = spec["scheduler"]
+    if not isinstance(sched, dict) or sched.get("type") not in ("asha", "none"):
+        raise UserError(f"{where}: scheduler must be {{type: asha, grace_period: N}} or {{type: none}}, got {sched!r}")
+    for field, sampler in spec["space"].items():
+        if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
+            raise UserError(f"{where}: {field} needs one sampler of {', '.join(SAMPLERS)}, got {sampler!r}")
+        kind, values = next(iter(sampler.items()))
+        if kind in ("grid", "choice") and not (isinstance(values, list) and values):
+            raise UserError(f"{where}: {field}: {kind} needs a list of values, got {values!r}")
+        if kind in ("uniform", "loguniform") and not (isinstance(values, list) and len(values) == 2):
+            raise UserError(f"{where}: {field}: {kind} needs [low, high], got {values!r}")
+    return spec
+
+
+def check_points(spec: dict, preset: str) -> None:
+    """Build the config of every listed value (and both ends of every range) on the preset."""
+    for field, sampler in spec["space"].items():
+        for value in next(iter(sampler.values())):
+            try:
+                build_config(preset, {**spec["overrides"], field: value})
+            except UserError as e:
+                raise UserError(f"{os.path.basename(spec['path'])}: {field} = {value!r}: {e}") from None
+
+
+def param_space(spec: dict) -> dict:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v)}
+    space = {field: make[kind](values) for field, sampler in spec["space"].items() for kind, values in sampler.items()}
+    return {**space, "seed": tune.grid_search(spec["seeds"])}
+
+
+# --- one trial ------------------------------------------------------------------------------------
+
+
+def trial(config: dict, spec: dict, preset: str) -> None:
+    """A Tune trial: the study's stages in order, in the trial's own folder."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = spec["resources"]
+    overrides = {**spec["overrides"], **config, "out": os.path.join(tune.get_context().get_trial_dir(), "stages"),
+                 "cpus_per_worker": resources.get("cpus_per_worker", 1)}
+    cfg = build_config(preset, overrides)
+    last_trained = [s for s in spec["stages"] if s in TRAINED][-1]
+    final, runners = {}, _stage_runners()
+    for stage in spec["stages"]:
+        if stage == last_trained:
+            result = runners[stage](cfg, callbacks=[TuneReportCallback()])
+        else:  # earlier stages do not report to Tune; probe and analyze need no TorchTrainer
+            local = stage not in TRAINED and cfg.launcher == "ray"
+            result = runners[stage](replace(cfg, launcher="local") if local else cfg)
+        final.update({f"{stage}.{k}": v for k, v in result.items() if isinstance(v, (int, float)) and k != "history"})
+    metric = spec["metric"]
+    tune.report({**final, metric: final[f"{last_trained}.{metric}"], "stages_done": True})
+
+
+# --- the study ------------------------------------------------------------------------------------
+
+
+def results_table(results, spec: dict, metric: str, mode: str):
+    """One row per trial: config columns, seed, final and best metrics, status, wall time."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        m = r.metrics or {}
+        best = (history[metric].max() if mode == "max" else history[metric].min()) if metric in history else math.nan
+        status = "error" if r.error else "finished" if m.get("stages_done") else "stopped early"
+        rows.append({**{f: r.config.get(f) for f in spec["space"]}, "seed": r.config.get("seed"),
+                     "trial": os.path.basename(r.path), "status": status, metric: m.get(metric),
+                     f"best_{metric}": best, "epochs_reported": len(history),
+                     "wall_time_s": m.get("time_total_s"),
+                     **{k: v for k, v in m.items() if "." in k and k.split(".")[0] in spec["stages"]}})
+    return pd.DataFrame(rows)
+
+
+def write_table(table, path: str) -> None:
+    """results.parquet and results.csv in the study folder: local (atomically) or a cloud URI."""
+    for ext, write in (("parquet", table.to_parquet), ("csv", table.to_csv)):
+        if "://" in path:  # an object store's put is atomic already
+            import pyarrow.fs
+
+            fs, root = pyarrow.fs.FileSystem.from_uri(path)
+            with fs.open_output_stream(f"{root}/results.{ext}") as f:
+                write(f, index=False)
+        else:
+            with atomic_path(os.path.join(path, f"results.{ext}")) as tmp:
+                write(tmp, index=False)
+
+
+def run_study(args) -> "pandas.DataFrame":
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raysslvit.launch import start_ray
+
+    spec = load_space(args.space)
+    preset = args.preset or spec["preset"]
+    spec["overrides"] = {**spec["overrides"], **dict(item.partition("=")[::2] for item in args.set)}
+    check_points(spec, preset)
+    name = os.path.splitext(os.path.basename(spec["path"]))[0]
+    storage = args.storage_path if "://" in args.storage_path else os.path.abspath(args.storage_path)
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    start_ray()
+    path = os.path.join(storage, name)
+    if spec["shared"]:  # M once for every trial, in the study's folder (reused while unchanged)
+        if "://" in storage:
+            raise UserError("a study with shared stages needs a local --storage-path")
+        base = build_config(preset, {**spec["overrides"], "out": os.path.join(path, "shared")})
+        _stage_runners()["ssl"](base)
+        spec["overrides"]["checkpoint"] = os.path.join(base.out_dir, "ssl", "model.pt")
+    sched = spec["scheduler"]
+    scheduler = ASHAScheduler(grace_period=sched.get("grace_period", 1), max_t=10**6) if sched["type"] == "asha" else None
+    res = spec["resources"]
+    trial_cpu = res.get("trial_cpu", 1)
+    fn = tune.with_resources(tune.with_parameters(trial, spec=spec, preset=preset), {"cpu": trial_cpu})
+    # Tune reserves only the trial's own CPUs; its TorchTrainer asks for more later: leave room for it
+    per_trial = trial_cpu + res.get("cpus_per_worker", 1) * build_config(preset, spec["overrides"]).num_workers
+    concurrent = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
+    if args.resume:
+        if not tune.Tuner.can_restore(path):
+            raise UserError(f"no study to resume at {path}")
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    else:
+        tuner = tune.Tuner(fn, param_space=param_space(spec),
+                           tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], scheduler=scheduler,
+                                                       num_samples=args.num_samples or spec["num_samples"],
+                                                       max_concurrent_trials=concurrent),
+                           run_config=tune.RunConfig(name=name, storage_path=storage))
+    results = tuner.fit()
+    table = results_table(results, spec, spec["metric"], spec["mode"])
+    write_table(table, path)
+    finished = table[table["status"] == "finished"]
+    if len(finished):
+        best = finished.sort_values(spec["metric"], ascending=spec["mode"] == "min").iloc[0]
+        tests = " ".join(f"{k} {best[k]:.4f}" for k in table if k.endswith("test_acc"))
+        print(f"best: {', '.join(f'{f}={best[f]}' for f in spec['space'])} seed={best['seed']}  "
+              f"{spec['metric']} {best[spec['metric']]:.4f}  {tests}\nresults in {path}/results.parquet", flush=True)
+    ray.shutdown()
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raysslvit.tune", description=__doc__.splitlines()[0])
+    p.add_argument("--space", required=True, help="a study in tune_spaces/ (masking_ratio, depth, st_blocks) or a YAML path")
+    p.add_argument("--preset", default="", help="the base preset (default: the study file's)")
+    p.add_argument("--storage-path", default="runs/tune", help="a folder or s3://bucket/path")
+    p.add_argument("--num-samples", type=int, default=0, help="samples per grid point (default: the study file's)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study; finished trials are kept")
+    p.add_argument("--address", default="", help="a running Ray cluster (auto: the one this node belongs to)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="a config value for every trial, e.g. --set ssl.epochs=8 --set data.data_dir=DIR")
+    args = p.parse_args(argv)
+    try:
+        run_study(args)
+    except UserError as e:
+        print(f"raysslvit.tune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

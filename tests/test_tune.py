@@ -1,0 +1,61 @@
+"""Ray Tune studies: study files are checked before any trial starts; a small study runs for real,
+writes its table, and an interrupted one finishes with --resume without redoing finished trials."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from raysslvit.tune import SPACES_DIR, check_points, load_space
+from conftest import write_space
+from test_cli import ROOT, assert_one_line_error
+
+
+def tune_cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "raysslvit.tune", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600, **kw)
+
+
+def test_every_shipped_study_file_is_valid():
+    names = sorted(f[:-5] for f in os.listdir(SPACES_DIR) if f.endswith(".yaml"))
+    assert {"masking_ratio", "depth", "st_blocks"} <= set(names)
+    for name in names:
+        spec = load_space(name)
+        check_points(spec, spec["preset"])
+        check_points(spec, "cpu")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"space": {"ssl.mask_ratio": {"grid": [0.5, 1.5]}}}, "ssl.mask_ratio = 1.5: mask_ratio must be in [0, 1]"),
+    ({"space": {"ssl.nosuch": {"grid": [1]}}}, "unknown config field 'nosuch'"),
+    ({"space": {"model.depth": {"grid": [2.5]}}}, "depth must be an int"),
+    ({"space": {"ssl.mask_ratio": {"sometimes": [0.5]}}}, "needs one sampler"),
+    ({"metric": "test_acc"}, "metric must be a validation metric"),
+    ({"stages": ["ssl", "report"]}, "stages must list stages"),
+    ({"schedule": "asha"}, "unknown setting 'schedule'"),
+    ({"scheduler": {"type": "pbt"}}, "scheduler must be"),
+])
+def test_a_bad_study_file_is_one_line_before_any_trial(tmp_path, change, needle):
+    assert_one_line_error(tune_cli("--space", write_space(tmp_path, **change), "--storage-path", str(tmp_path / "t")),
+                          needle)
+    assert not (tmp_path / "t").exists()
+
+
+def test_malformed_yaml_and_unknown_study(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [ssl\nspace: {")
+    assert_one_line_error(tune_cli("--space", str(bad)), "not valid YAML")
+    assert_one_line_error(tune_cli("--space", "no_such_study"), "unknown study", "masking_ratio")
+
+
+def test_an_interrupted_study_resumes_without_redoing_finished_trials(tune_study):
+    """Ctrl-C once the first of two trials has finished; --resume runs only the second (the fixture)."""
+    table = pd.read_parquet(tune_study["path"] / "results.parquet")
+    assert sorted(table["ssl.mask_ratio"]) == [0.25, 0.5] and set(table["status"]) == {"finished"}
+    assert {"probe.val_acc", "probe.test_acc", "val_knn_acc_tokens", "wall_time_s", "seed"} <= set(table.columns)
+    assert open(tune_study["first_trial"]).read() == tune_study["first_records"]  # not run again
+    assert (table["probe.test_acc"] > 0.1).all()
+    assert "best: ssl.mask_ratio=" in tune_study["resumed"].stdout
