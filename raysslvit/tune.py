@@ -120,8 +120,10 @@ def trial(config: dict, spec: dict, preset: str) -> None:
     last_trained = [s for s in spec["stages"] if s in TRAINED][-1]
     final, runners = {}, _stage_runners()
     for stage in spec["stages"]:
-        if stage == last_trained:
-            result = runners[stage](cfg, callbacks=[TuneReportCallback()])
+        if stage == last_trained:  # in-process (--set launcher=local), the trial reports each epoch itself
+            hooks = ({"callbacks": [TuneReportCallback()]} if cfg.launcher == "ray" else
+                     {"on_epoch": lambda m: tune.report({k: v for k, v in m.items() if k != "history"})})
+            result = runners[stage](cfg, **hooks)
         else:  # earlier stages do not report to Tune; probe and analyze need no TorchTrainer
             local = stage not in TRAINED and cfg.launcher == "ray"
             result = runners[stage](replace(cfg, launcher="local") if local else cfg)
@@ -194,8 +196,13 @@ def run_study(args) -> "pandas.DataFrame":
     trial_cpu = res.get("trial_cpu", 1)
     fn = tune.with_resources(tune.with_parameters(trial, spec=spec, preset=preset), {"cpu": trial_cpu})
     # Tune reserves only the trial's own CPUs; its TorchTrainer asks for more later: leave room for it
-    per_trial = trial_cpu + res.get("cpus_per_worker", 1) * build_config(preset, spec["overrides"]).num_workers
-    concurrent = args.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1)) // per_trial)
+    base = build_config(preset, spec["overrides"])
+    per_trial = trial_cpu + (res.get("cpus_per_worker", 1) * base.num_workers if base.launcher == "ray" else 0)
+    total = int(ray.cluster_resources().get("CPU", 0))  # 0: an autoscaling cluster with no workers yet
+    if total and per_trial > total:
+        raise UserError(f"a trial needs {per_trial} CPUs with its TorchTrainer's workers, Ray has {total}: "
+                        f"lower resources in {os.path.basename(spec['path'])} or --set launcher=local")
+    concurrent = args.max_concurrent or (max(1, total // per_trial) if total else 0)
     if args.resume:
         if not tune.Tuner.can_restore(path):
             raise UserError(f"no study to resume at {path}")

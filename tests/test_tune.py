@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysslvit.tune import SPACES_DIR, check_points, load_space
+from raysslvit.tune import SPACES_DIR, check_points, load_space, main
 from conftest import write_space
 from test_cli import ROOT, assert_one_line_error
 
@@ -38,9 +38,10 @@ def test_every_shipped_study_file_is_valid():
     ({"schedule": "asha"}, "unknown setting 'schedule'"),
     ({"scheduler": {"type": "pbt"}}, "scheduler must be"),
 ])
-def test_a_bad_study_file_is_one_line_before_any_trial(tmp_path, change, needle):
-    assert_one_line_error(tune_cli("--space", write_space(tmp_path, **change), "--storage-path", str(tmp_path / "t")),
-                          needle)
+def test_a_bad_study_file_is_one_line_before_any_trial(tmp_path, change, needle, capsys):
+    assert main(["--space", write_space(tmp_path, **change), "--storage-path", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "t").exists()
 
 
