@@ -31,20 +31,25 @@ def summarise(df: pd.DataFrame, figures: list[str]) -> pd.DataFrame:
 
 
 def plot_study(df: pd.DataFrame, val: str, test: str, path: str, title: str = "") -> Figure:
-    """Val and test figures side by side against the (first) swept field, mean ± std over seeds."""
-    x = df.attrs["swept"][0]
+    """Val and test figures side by side against the first swept field, mean ± std over seeds; one
+    line pair per value of a second swept field, if any."""
+    x, *rest = df.attrs["swept"]
     stats = summarise(df, [val, test]).reset_index()
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for name, offset in ((val, -0.01), (test, 0.01)):
-        ax.errorbar(stats[x] + offset * (stats[x].max() - stats[x].min() or 1), stats[(name, "mean")],
-                    yerr=stats[(name, "std")].fillna(0), marker="o", capsize=4, label=name)
-    ax.set_xlabel(x)
-    ax.set_ylabel("accuracy")
-    ax.set_xticks(stats[x])
+    groups = stats.groupby(rest[0]) if rest else [(None, stats)]
+    fig = Figure(figsize=(6.5, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, name in zip(axes, (val, test)):
+        for key, g in groups:
+            ax.errorbar(g[x], g[(name, "mean")], yerr=g[(name, "std")].fillna(0), marker="o", capsize=4,
+                        label=None if key is None else f"{rest[0]} = {key}")
+        ax.set_xlabel(x)
+        ax.set_xticks(sorted(stats[x].unique()))
+        ax.set_title(name, fontsize=9)
+    axes[0].set_ylabel("accuracy")
+    if rest:
+        axes[1].legend(fontsize=8)
     n = int(stats[(val, "count")].max()) if len(stats) else 0
-    ax.set_title(title or f"{val} and {test} against {x} ({n} seed{'s' if n != 1 else ''} per point)", fontsize=9)
-    ax.legend()
+    fig.suptitle(title or f"against {x} ({n} seed{'s' if n != 1 else ''} per point: mean ± std)", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return fig

@@ -20,6 +20,7 @@ import yaml
 
 from raysslvit.artifacts import atomic_path
 from raysslvit.config import build_config
+from raysslvit.data import source_digest
 from raysslvit.errors import UserError
 
 SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tune_spaces")
@@ -27,6 +28,7 @@ KEYS = {"description", "shared", "stages", "preset", "overrides", "space", "seed
         "num_samples", "resources"}
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 TRAINED = ("ssl", "finetune", "video")  # stages that report every epoch
+PATH_KEYS = {"data.data_dir", "data.data_root", "checkpoint", "analyze.before", "analyze.after"}
 
 
 def _stage_runners() -> dict:
@@ -177,26 +179,29 @@ def run_study(args) -> "pandas.DataFrame":
     spec = load_space(args.space)
     preset = args.preset or spec["preset"]
     spec["overrides"] = {**spec["overrides"], **dict(item.partition("=")[::2] for item in args.set)}
+    for key in PATH_KEYS & set(spec["overrides"]):  # trials run in their own folders: paths from here
+        spec["overrides"][key] = os.path.abspath(os.path.expanduser(spec["overrides"][key]))
     check_points(spec, preset)
+    base = build_config(preset, spec["overrides"])
+    source_digest(base.data.data, base.data.data_dir)  # a missing data folder fails here, not in every trial
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
     storage = args.storage_path if "://" in args.storage_path else os.path.abspath(args.storage_path)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     start_ray()
     path = os.path.join(storage, name)
-    if spec["shared"]:  # M once for every trial, in the study's folder (reused while unchanged)
+    if spec["shared"] and "checkpoint" not in spec["overrides"]:  # M once for every trial (reused while unchanged)
         if "://" in storage:
             raise UserError("a study with shared stages needs a local --storage-path")
-        base = build_config(preset, {**spec["overrides"], "out": os.path.join(path, "shared")})
-        _stage_runners()["ssl"](base)
-        spec["overrides"]["checkpoint"] = os.path.join(base.out_dir, "ssl", "model.pt")
+        shared = build_config(preset, {**spec["overrides"], "out": os.path.join(path, "shared")})
+        _stage_runners()["ssl"](shared)
+        spec["overrides"]["checkpoint"] = os.path.join(shared.out_dir, "ssl", "model.pt")
     sched = spec["scheduler"]
     scheduler = ASHAScheduler(grace_period=sched.get("grace_period", 1), max_t=10**6) if sched["type"] == "asha" else None
     res = spec["resources"]
     trial_cpu = res.get("trial_cpu", 1)
     fn = tune.with_resources(tune.with_parameters(trial, spec=spec, preset=preset), {"cpu": trial_cpu})
     # Tune reserves only the trial's own CPUs; its TorchTrainer asks for more later: leave room for it
-    base = build_config(preset, spec["overrides"])
     per_trial = trial_cpu + (res.get("cpus_per_worker", 1) * base.num_workers if base.launcher == "ray" else 0)
     total = int(ray.cluster_resources().get("CPU", 0))  # 0: an autoscaling cluster with no workers yet
     if total and per_trial > total:
