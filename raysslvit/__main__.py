@@ -6,15 +6,10 @@ import dataclasses
 import sys
 
 from raysslvit.config import SECTIONS, Config, build_config
-from raysslvit.errors import UserError
+from raysslvit.errors import OneLineParser, UserError
 
 COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
           "checkpoint")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other bad input
-        self.exit(2, f"raysslvit: error: {message}\n")
 
 
 def _add_fields(parser, cls, prefix: str, names=None):
@@ -28,8 +23,8 @@ def _add_fields(parser, cls, prefix: str, names=None):
 def build_parser() -> argparse.ArgumentParser:
     from raysslvit.stages import STAGES
 
-    parser = _Parser(prog="python -m raysslvit", description=__doc__)
-    sub = parser.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="python -m raysslvit", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True, parser_class=OneLineParser)
     for name in ("run", *STAGES):
         p = sub.add_parser(name, help="the whole study" if name == "run" else f"the {name} stage")
         own = [] if name == "run" else [f.name for f in dataclasses.fields(SECTIONS[STAGES[name][0]])]

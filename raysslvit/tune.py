@@ -10,7 +10,6 @@ writes `results.parquet` and `results.csv`, one row per trial, beside Tune's own
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import yaml
 from raysslvit.artifacts import atomic_path
 from raysslvit.config import build_config
 from raysslvit.data import source_digest
-from raysslvit.errors import UserError
+from raysslvit.errors import OneLineParser, UserError
 
 SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tune_spaces")
 KEYS = {"description", "shared", "stages", "preset", "overrides", "space", "seeds", "metric", "mode", "scheduler",
@@ -232,7 +231,7 @@ def run_study(args) -> "pandas.DataFrame":
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysslvit.tune", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m raysslvit.tune", description=__doc__.splitlines()[0])
     p.add_argument("--space", required=True, help="a study in tune_spaces/ (masking_ratio, depth, st_blocks) or a YAML path")
     p.add_argument("--preset", default="", help="the base preset (default: the study file's)")
     p.add_argument("--storage-path", default="runs/tune", help="a folder or s3://bucket/path")
