@@ -5,8 +5,8 @@ import argparse
 import dataclasses
 import sys
 
-from raysslvit.config import SECTIONS, Config, build_config
-from raysslvit.errors import OneLineParser, UserError
+from raysslvit.config import SECTIONS, Config, build_config, parse_assignments
+from raysslvit.errors import OneLineParser, run_cli
 
 COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
           "checkpoint")
@@ -42,36 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> Config:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("stage", "set", "fresh")}
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UserError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
-        overrides[key] = value
+    overrides.update(parse_assignments(args.set))
     return build_config(overrides.pop("preset", "smoke"), overrides)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from raysslvit.stages import STAGES, run_study
+    return run_cli("raysslvit", lambda: _run(args))
 
-        cfg = config_from_args(args)
-        if args.stage != "run":
-            STAGES[args.stage][1](cfg, fresh=args.fresh)
-            return 0
-        r = run_study(cfg, fresh=args.fresh)
-        print(f"\nresults in {cfg.out_dir}/ (test split)\n"
-              f"  probe of M        test_acc {r['probe']['test_acc']:.4f}  (CLS only {r['probe']['test_acc_cls']:.4f})\n"
-              f"  probe of InfoNCE  test_acc {r['probe_ssl_infonce']['test_acc']:.4f}  "
-              f"(CLS only {r['probe_ssl_infonce']['test_acc_cls']:.4f})\n"
-              f"  fine-tuned        test_acc {r['finetune']['test_acc']:.4f}\n"
-              f"  pseudo-video      test_acc {r['video_1']['test_acc']:.4f} (1 block)  {r['video_2']['test_acc']:.4f} (2)  "
-              f"{r['video_mean']['test_acc']:.4f} (mean)\n"
-              f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}", flush=True)
-    except UserError as e:
-        print(f"raysslvit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def _run(args) -> None:
+    from raysslvit.stages import STAGES, run_study
+
+    cfg = config_from_args(args)
+    if args.stage != "run":
+        STAGES[args.stage][1](cfg, fresh=args.fresh)
+        return
+    r = run_study(cfg, fresh=args.fresh)
+    print(f"\nresults in {cfg.out_dir}/ (test split)\n"
+          f"  probe of M        test_acc {r['probe']['test_acc']:.4f}  (CLS only {r['probe']['test_acc_cls']:.4f})\n"
+          f"  probe of InfoNCE  test_acc {r['probe_ssl_infonce']['test_acc']:.4f}  "
+          f"(CLS only {r['probe_ssl_infonce']['test_acc_cls']:.4f})\n"
+          f"  fine-tuned        test_acc {r['finetune']['test_acc']:.4f}\n"
+          f"  pseudo-video      test_acc {r['video_1']['test_acc']:.4f} (1 block)  {r['video_2']['test_acc']:.4f} (2)  "
+          f"{r['video_mean']['test_acc']:.4f} (mean)\n"
+          f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -242,6 +242,21 @@ PRESETS = {
 }
 
 
+# Fields that name files or folders: made absolute on the driver (Ray workers and Tune trials run in
+# other folders); run folders fingerprint what such a file holds, not where it is.
+PATH_KEYS = ("data.data_dir", "data.data_root", "out", "checkpoint", "analyze.before", "analyze.after")
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """`--set SECTION.FIELD=VALUE` items as overrides for `build_config`."""
+    overrides = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        _check(bool(eq), f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key] = value
+    return overrides
+
+
 def parse_value(cls, name: str, value):
     """A CLI / YAML / Tune value (text, or a number such as `depth: 4.0`) as the type of field `name`
     of dataclass `cls`: coerced when no information is lost, else a user error naming the field."""
@@ -299,10 +314,10 @@ def build_config(preset: str = "smoke", overrides: dict | None = None) -> Config
             top[name] = parse_value(Config, name, value)
     if sections["data"].get("data_dir"):
         sections["data"]["data"] = "dir"
-    # Ray workers run in another folder: paths are made absolute here, on the driver.
     top["out"] = top.get("out") or os.path.join("runs", preset)
-    for where, name in ((sections["data"], "data_dir"), (sections["data"], "data_root"), (top, "out"),
-                        (top, "checkpoint"), (sections["analyze"], "before"), (sections["analyze"], "after")):
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        where = sections[section] if section else top
         if where.get(name):
             where[name] = os.path.abspath(os.path.expanduser(where[name]))
     built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}

@@ -18,12 +18,10 @@ from dataclasses import asdict
 import torch
 
 from raysslvit.artifacts import provenance, read_json, save_torch, write_json
-from raysslvit.config import SECTIONS, Config, TrainConfig
+from raysslvit.config import PATH_KEYS, SECTIONS, Config, TrainConfig
 from raysslvit.data import source_digest
 from raysslvit.errors import UserError
 
-# Fields that name where a file is, not what it holds: the fingerprint has the file's content instead.
-PATH_FIELDS = {"before", "after"}
 _digests: dict[tuple, str] = {}
 
 
@@ -43,7 +41,8 @@ def file_digest(path: str) -> str:
 def stage_fingerprint(cfg: Config, section: str, inputs: dict[str, str] | None = None) -> dict:
     """What must match for a checkpoint or result to belong to this config (as JSON)."""
     d = json.loads(json.dumps(cfg.to_dict()))
-    fp = {"seed": d["seed"], section: {k: v for k, v in d[section].items() if k not in PATH_FIELDS},
+    paths = {key.rpartition(".")[2] for key in PATH_KEYS if key.startswith(f"{section}.")}  # their content is in inputs
+    fp = {"seed": d["seed"], section: {k: v for k, v in d[section].items() if k not in paths},
           "data": {"source": source_digest(cfg.data.data, cfg.data.data_dir),
                    "val_fraction": d["data"]["val_fraction"], "split_seed": d["data"]["split_seed"]},
           "inputs": {name: file_digest(path) for name, path in sorted((inputs or {}).items())}}
@@ -70,6 +69,12 @@ def fingerprint_changes(saved: dict | None, current: dict) -> list[str]:
         elif saved[key] != value:
             changes.append(key)
     return sorted(changes)
+
+
+def saved_fingerprint(stage_dir: str) -> dict | None:
+    """The fingerprint of the finished result in `stage_dir`, if there is one."""
+    config = os.path.join(stage_dir, "config.json")
+    return read_json(config).get("fingerprint") if os.path.exists(config) else None
 
 
 def latest_checkpoint(stage_dir: str) -> str | None:
@@ -112,10 +117,10 @@ class RunFolder:
 
     def finished(self) -> dict | None:
         """The stored metrics when this fingerprint made them; None (saying why) when it must run."""
-        metrics, config = (os.path.join(self.path, n) for n in ("metrics.json", "config.json"))
-        if not (os.path.exists(metrics) and os.path.exists(config)):
+        metrics = os.path.join(self.path, "metrics.json")
+        if not (os.path.exists(metrics) and os.path.exists(os.path.join(self.path, "config.json"))):
             return None
-        changes = fingerprint_changes(read_json(config).get("fingerprint"), self.fingerprint)
+        changes = fingerprint_changes(saved_fingerprint(self.path), self.fingerprint)
         if changes:
             self._say(f"redoing: {', '.join(changes[:4])}{' ...' if len(changes) > 4 else ''} changed since {self.path}")
             self._redoing = True

@@ -18,16 +18,15 @@ from dataclasses import replace
 import yaml
 
 from raysslvit.artifacts import atomic_path
-from raysslvit.config import build_config
+from raysslvit.config import PATH_KEYS, build_config, parse_assignments
 from raysslvit.data import source_digest
-from raysslvit.errors import OneLineParser, UserError
+from raysslvit.errors import OneLineParser, UserError, run_cli
 
 SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tune_spaces")
 KEYS = {"description", "shared", "stages", "preset", "overrides", "space", "seeds", "metric", "mode", "scheduler",
         "num_samples", "resources"}
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 TRAINED = ("ssl", "finetune", "video")  # stages that report every epoch
-PATH_KEYS = {"data.data_dir", "data.data_root", "checkpoint", "analyze.before", "analyze.after"}
 
 
 def _stage_runners() -> dict:
@@ -168,7 +167,7 @@ def write_table(table, path: str) -> None:
                 write(tmp, index=False)
 
 
-def run_study(args) -> "pandas.DataFrame":
+def run_study(args):
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -177,8 +176,8 @@ def run_study(args) -> "pandas.DataFrame":
 
     spec = load_space(args.space)
     preset = args.preset or spec["preset"]
-    spec["overrides"] = {**spec["overrides"], **dict(item.partition("=")[::2] for item in args.set)}
-    for key in PATH_KEYS & set(spec["overrides"]):  # trials run in their own folders: paths from here
+    spec["overrides"] = {**spec["overrides"], **parse_assignments(args.set)}
+    for key in set(PATH_KEYS) & set(spec["overrides"]):  # trials run in their own folders: paths from here
         spec["overrides"][key] = os.path.abspath(os.path.expanduser(spec["overrides"][key]))
     check_points(spec, preset)
     base = build_config(preset, spec["overrides"])
@@ -241,13 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--address", default="", help="a running Ray cluster (auto: the one this node belongs to)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a config value for every trial, e.g. --set ssl.epochs=8 --set data.data_dir=DIR")
-    args = p.parse_args(argv)
-    try:
-        run_study(args)
-    except UserError as e:
-        print(f"raysslvit.tune: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("raysslvit.tune", lambda: run_study(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
 """The run folder: results keyed by what produced them, exact resume after a killed driver, safe loading."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from raysslvit.__main__ import main

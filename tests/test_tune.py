@@ -6,7 +6,6 @@ import sys
 
 import pandas as pd
 import pytest
-import yaml
 
 from raysslvit.tune import SPACES_DIR, check_points, load_space, main
 from conftest import write_space

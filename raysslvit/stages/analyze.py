@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 
-from raysslvit.artifacts import atomic_path, read_json
+from raysslvit.artifacts import atomic_path
 from raysslvit.config import Config
 from raysslvit.data import normalize
 from raysslvit.errors import UserError
 from raysslvit.metrics.cka import cka_matrix, linear_cka, minibatch_cka
 from raysslvit.metrics.similarity import cls_patch_similarity, focus, similarity_map, token_similarity
-from raysslvit.rundir import RunFolder, file_digest, stage_fingerprint
+from raysslvit.rundir import RunFolder, file_digest, saved_fingerprint, stage_fingerprint
 from raysslvit.stages.common import encoder_path, load_data, load_encoder
 from raysslvit.vit import VisionTransformer
 
@@ -116,8 +116,7 @@ def model_paths(cfg: Config) -> dict[str, str]:
     if a.after:
         return {"before": before, "after": a.after}
     after = os.path.join(cfg.out_dir, "finetune", "model.pt")
-    saved = os.path.join(cfg.out_dir, "finetune", "config.json")
-    made_from = read_json(saved).get("fingerprint", {}).get("inputs", {}).get("checkpoint") if os.path.exists(saved) else None
+    made_from = (saved_fingerprint(os.path.dirname(after)) or {}).get("inputs", {}).get("checkpoint")
     if not os.path.isfile(after) or made_from != file_digest(before):
         raise UserError(f"no fine-tuned model of {before} in {cfg.out_dir}/finetune: run `python -m raysslvit "
                         f"finetune --checkpoint {before}` with this --out first, or pass --after PATH")
