@@ -167,6 +167,43 @@ class AnalyzeConfig:
 
 
 @dataclass(frozen=True)
+class CaptionsConfig:
+    """Stage 7a: BLIP captions every image, CLIP embeds each caption (Ray Data, one actor pool per model)."""
+
+    blip_model: str = "Salesforce/blip-image-captioning-base"  # a Hugging Face hub id or a local folder
+    clip_model: str = "ViT-B-32"  # an open_clip name, local-dir:PATH or hf-hub:ID
+    clip_pretrained: str = "laion2b_s34b_b79k"  # open_clip's tag for a named model (local-dir: / hf-hub: ignore it)
+    max_new_tokens: int = 20
+    actors: int = 1  # actors per model (each takes one GPU when Ray has GPUs)
+    batch_size: int = 64  # images per actor call
+
+    def __post_init__(self):
+        _check(bool(self.blip_model) and bool(self.clip_model), "blip_model and clip_model must not be empty")
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _check(self.actors >= 1 and self.batch_size >= 1,
+               f"actors and batch_size must be at least 1, got {self.actors}, {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class FusionConfig(VideoConfig):
+    """Stage 7b: the video model plus a cross-attention block over its frames' caption embeddings."""
+
+    st_blocks: int = 2  # the study fuses captions into the two-block model
+    # starts from a trained video model of this shape: default <out>/video_<st_blocks>/model.pt when
+    # it exists, else from M with new temporal blocks
+    video_checkpoint: str = ""
+    captions: str = ""  # the captions table; default <out>/captions/captions.parquet
+    # the video model is trained already: a short schedule for the new block (no real captions here to tune it on)
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    lr: float = 2e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.temporal == "transformer", "fusion needs temporal=transformer (its queries are the temporal tokens)")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything one run needs; saved as config.json beside every result."""
 
@@ -187,6 +224,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self):
         _check(self.preset in PRESETS, f"unknown preset {self.preset!r}: use one of {', '.join(PRESETS)}")
@@ -211,7 +250,8 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ViTConfig, "ssl": SSLConfig, "probe": ProbeConfig,
-            "finetune": FinetuneConfig, "analyze": AnalyzeConfig, "video": VideoConfig}
+            "finetune": FinetuneConfig, "analyze": AnalyzeConfig, "video": VideoConfig,
+            "captions": CaptionsConfig, "fusion": FusionConfig}
 
 PRESETS = {
     # Embedded sample, tiny model, every stage in under a minute; 12 rotated patches (subset 1.0, mask 0.25), as
@@ -224,6 +264,7 @@ PRESETS = {
         "probe.epochs": 30, "probe.batch_size": 512,
         "finetune.epochs": 10, "finetune.batch_size": 128, "finetune.warmup_epochs": 1,
         "video.epochs": 4, "video.batch_size": 128, "video.lr": 2e-3, "video.warmup_epochs": 1,
+        "fusion.epochs": 3, "fusion.batch_size": 128,
     },
     # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs; the conv stem led fine-tuning on val.
     "cpu": {
@@ -238,13 +279,17 @@ PRESETS = {
         "ssl.epochs": 20, "ssl.batch_size": 512, "finetune.epochs": 50, "finetune.batch_size": 512,
         # the short video recipe chosen on the cpu preset is not assumed to carry over to this wider model
         "video.batch_size": 512, "video.lr": 2e-3, "video.label_smoothing": 0.1, "video.drop_path": 0.1,
+        "fusion.batch_size": 512,
     },
 }
 
 
 # Fields that name files or folders: made absolute on the driver (Ray workers and Tune trials run in
 # other folders); run folders fingerprint what such a file holds, not where it is.
-PATH_KEYS = ("data.data_dir", "data.data_root", "out", "checkpoint", "analyze.before", "analyze.after")
+PATH_KEYS = ("data.data_dir", "data.data_root", "out", "checkpoint", "analyze.before", "analyze.after",
+             "fusion.video_checkpoint", "fusion.captions")
+# Fields that change how fast a result is made, not the result: left out of fingerprints.
+RUNTIME_KEYS = ("captions.actors", "captions.batch_size")
 
 
 def parse_assignments(items: list[str]) -> dict:

@@ -30,7 +30,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 
 @dataclass
 class Splits:
-    """train / val / test as uint8 image tensors (N, 3, 32, 32) and int64 labels."""
+    """train / val / test as uint8 image tensors (N, 3, 32, 32), int64 labels, and each image's index
+    in its source split (val comes from the source's train): with the source split it is the image's
+    stable id (`image_ids`), which captions are keyed by."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -38,6 +40,9 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    test_idx: torch.Tensor
     classes: list[str]
 
     def to(self, device) -> "Splits":
@@ -46,6 +51,11 @@ class Splits:
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+    def image_ids(self, name: str) -> list[str]:
+        """Stable ids of a split's images, in order: `train/123` (val's too) or `test/45`."""
+        source = "test" if name == "test" else "train"
+        return [f"{source}/{i}" for i in getattr(self, f"{name}_idx").tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +194,9 @@ def load_splits(data: str, data_dir: str = "", data_root: str = "", val_fraction
     val = stratified_holdout(y, val_fraction, split_seed)
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[val] = False
-    return Splits(x[keep], y[keep], x[val], y[val], to_tensor(test_x), torch.from_numpy(test_y), classes)
+    test_y = torch.from_numpy(test_y)
+    return Splits(x[keep], y[keep], x[val], y[val], to_tensor(test_x), test_y,
+                  keep.nonzero().squeeze(1), val, torch.arange(len(test_y)), classes)
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

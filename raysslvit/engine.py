@@ -44,7 +44,8 @@ class Task(Protocol):
     model: nn.Module
     monitor: str | None  # val metric that picks the best epoch (higher is better); None: the last
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]: ...
+    # `*extra`: what an optional `batch_inputs(idx)` gives for the batch beside images and labels
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *extra) -> tuple[torch.Tensor, dict]: ...
     def evaluate(self, model: nn.Module, splits: Splits) -> dict: ...
     def finish(self, model: nn.Module, splits: Splits) -> dict: ...
 
@@ -64,7 +65,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        bare = name.removeprefix("encoder.")
+        bare = name.removeprefix("video.").removeprefix("encoder.")
         if bare.startswith(("patch_embed", "cls_token", "pos_embed")):
             layer = 0
         elif bare.startswith("blocks."):
@@ -197,10 +198,11 @@ def _train_epoch(task, model, opt, splits, cfg, ctx, batches, first_step, total,
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, warmup, lr) * g["lr_scale"]
         x, y = splits.train_x[idx], splits.train_y[idx]
+        extra = task.batch_inputs(idx) if hasattr(task, "batch_inputs") else ()  # e.g. fusion's captions
         if cfg.augment:
             x = augment(trivial_augment(x, cfg.trivial_augment), cfg.crop_pad)
         with autocast(ctx.device):
-            loss, logs = task.loss(model, x, y)
+            loss, logs = task.loss(model, x, y, *extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

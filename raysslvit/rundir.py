@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 from raysslvit.artifacts import provenance, read_json, save_torch, write_json
-from raysslvit.config import PATH_KEYS, SECTIONS, Config, TrainConfig
+from raysslvit.config import PATH_KEYS, RUNTIME_KEYS, SECTIONS, Config, TrainConfig
 from raysslvit.data import source_digest
 from raysslvit.errors import UserError
 
@@ -41,8 +41,9 @@ def file_digest(path: str) -> str:
 def stage_fingerprint(cfg: Config, section: str, inputs: dict[str, str] | None = None) -> dict:
     """What must match for a checkpoint or result to belong to this config (as JSON)."""
     d = json.loads(json.dumps(cfg.to_dict()))
-    paths = {key.rpartition(".")[2] for key in PATH_KEYS if key.startswith(f"{section}.")}  # their content is in inputs
-    fp = {"seed": d["seed"], section: {k: v for k, v in d[section].items() if k not in paths},
+    # paths: their content is in inputs; runtime keys: they change the speed, not the result
+    skip = {key.rpartition(".")[2] for key in PATH_KEYS + RUNTIME_KEYS if key.startswith(f"{section}.")}
+    fp = {"seed": d["seed"], section: {k: v for k, v in d[section].items() if k not in skip},
           "data": {"source": source_digest(cfg.data.data, cfg.data.data_dir),
                    "val_fraction": d["data"]["val_fraction"], "split_seed": d["data"]["split_seed"]},
           "inputs": {name: file_digest(path) for name, path in sorted((inputs or {}).items())}}

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from raysslvit.config import build_config
 from raysslvit.engine import WorkerContext, fit, lr_at, param_groups

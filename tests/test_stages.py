@@ -4,22 +4,12 @@ import json
 import os
 
 import numpy as np
-import pytest
 import torch
 
-from raysslvit.__main__ import main
 from raysslvit.artifacts import read_json
 from raysslvit.config import build_config
 from raysslvit.stages import finetune, probe, ssl, video
 from raysslvit.stages.common import load_encoder
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """`python -m raysslvit run` on the smoke preset, in-process (the Ray tests below reuse its M)."""
-    out = tmp_path_factory.mktemp("smoke")
-    assert main(["run", "--out", str(out), "--launcher", "local"]) == 0
-    return out
 
 
 def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local):

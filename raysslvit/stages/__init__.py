@@ -4,7 +4,7 @@ import os
 from dataclasses import replace
 
 from raysslvit.config import Config
-from raysslvit.stages import analyze, finetune, probe, ssl, video
+from raysslvit.stages import analyze, captions, finetune, fusion, probe, ssl, video
 
 # stage name -> (config section whose fields are its CLI flags, run function)
 STAGES = {
@@ -13,6 +13,8 @@ STAGES = {
     "finetune": ("finetune", finetune.run),
     "analyze": ("analyze", analyze.run),
     "video": ("video", video.run),
+    "captions": ("captions", captions.run),
+    "fusion": ("fusion", fusion.run),
 }
 
 

@@ -1,0 +1,102 @@
+"""Stage 7a: `<out>/captions/captions.parquet`, one row per image of train, val and test: id, split,
+label, caption (BLIP), embedding (CLIP's text embedding of the caption).
+
+Ray Data (`raysslvit.captions`) streams the rows into parts under `captions.parts.partial/`; only
+when every row is in are they written as one file, atomically, and `config.json` (the fingerprint:
+data, model ids and the weights' files) after it. A finished table for the same fingerprint is reused; a
+partial one from an interrupted run is removed and the table made again from the start.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+
+from raysslvit.artifacts import atomic_path
+from raysslvit.config import Config
+from raysslvit.rundir import RunFolder, stage_fingerprint
+from raysslvit.stages.common import load_data
+
+SPLITS = ("train", "val", "test")
+TABLE = "captions.parquet"
+PARTS = "captions.parts.partial"
+
+
+def table_path(cfg: Config) -> str:
+    return os.path.join(cfg.out_dir, "captions", TABLE)
+
+
+def load_table(path: str):
+    """The captions table as a pandas DataFrame indexed by image id; a clear error when it is missing."""
+    import pandas as pd
+
+    from raysslvit.errors import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"captions not found: {path} (run `python -m raysslvit captions` first)")
+    return pd.read_parquet(path).set_index("id")
+
+
+def _progress(done: int, total: int, start: float, last: list) -> None:
+    now = time.perf_counter()
+    if done < total and now - last[0] < 10:
+        return
+    last[0] = now
+    rate = done / max(now - start, 1e-9)
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    print(f"captions: {done}/{total} images, {rate:.1f} images/s, ETA {eta:.0f} s", flush=True)
+
+
+def _write_part(folder: str, k: int, batch) -> None:
+    batch.to_parquet(os.path.join(folder, f"part-{k:05d}.parquet"), index=False)
+
+
+def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
+    import pandas as pd
+
+    from raysslvit.captions import caption_batches, label_word_rate, resolve_weights, weights_identity
+    from raysslvit.launch import start_ray
+
+    weights = resolve_weights(cfg.captions)  # missing weights fail here, at once, before Ray starts
+    splits = load_data(cfg)
+    fingerprint = {**stage_fingerprint(cfg, "captions"), "weights": weights_identity(weights)}
+    fingerprint.pop("seed")  # captioning draws nothing at random
+    folder = RunFolder(cfg.out_dir, "captions", fingerprint)
+    table, partial = os.path.join(folder.path, TABLE), os.path.join(folder.path, PARTS)
+    if not fresh and os.path.isfile(table) and (done := folder.finished()) is not None:
+        return done
+    if os.path.isdir(partial):
+        print(f"captions: removing the partial table of an interrupted run ({partial}): starting clean", flush=True)
+        shutil.rmtree(partial)
+    os.makedirs(partial)
+
+    images = np.concatenate([splits.split(s)[0].permute(0, 2, 3, 1).numpy() for s in SPLITS])
+    meta = {"id": sum((splits.image_ids(s) for s in SPLITS), []),
+            "split": sum(([s] * len(splits.split(s)[1]) for s in SPLITS), []),
+            "label": np.concatenate([splits.split(s)[1].numpy() for s in SPLITS])}
+    start_ray()
+    import ray
+
+    use_gpu = cfg.use_gpu != "false" and ray.cluster_resources().get("GPU", 0) > 0
+    total, done, start = len(images), 0, time.perf_counter()
+    last = [start]
+    print(f"captions: {total} images, {cfg.captions.actors} actor(s) per model on {'GPU' if use_gpu else 'CPU'}", flush=True)
+    for k, batch in enumerate(caption_batches(images, meta, cfg.captions, weights, use_gpu)):
+        _write_part(partial, k, batch)
+        done += len(batch)
+        _progress(done, total, start, last)
+    wall = time.perf_counter() - start
+
+    frame = pd.read_parquet(partial)
+    metrics = {"images": len(frame), "embedding_dim": int(len(frame["embedding"].iloc[0])),
+               "label_word_rate": label_word_rate(frame["caption"].tolist(), frame["label"].tolist(), splits.classes),
+               "images_per_s": total / wall, "wall_s": wall}
+    with atomic_path(table) as tmp:  # the finished table replaces the old one only now
+        frame.sort_values("id", kind="stable").to_parquet(tmp, index=False)
+    shutil.rmtree(partial)
+    folder.write(cfg, metrics, weights=weights)
+    print(f"captions: {metrics['images']} rows, embedding width {metrics['embedding_dim']}, "
+          f"label word rate {metrics['label_word_rate']:.3f}, {metrics['images_per_s']:.1f} images/s -> {table}", flush=True)
+    return metrics

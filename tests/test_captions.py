@@ -1,0 +1,123 @@
+"""Captions and fusion: the real Ray Data pipeline with tiny random BLIP and CLIP models on the
+embedded sample, the fusion stage through a real TorchTrainer, and the cross-attention's wiring.
+Figures from tiny random models are a plumbing check, never results."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from raysslvit.captions import label_word_rate
+from raysslvit.config import build_config
+from raysslvit.fusion import FusionTransformer
+from raysslvit.stages import captions, fusion
+from raysslvit.stages.common import load_data
+from raysslvit.video import VideoTransformer
+from raysslvit.vit import ViTConfig, VisionTransformer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def caption_config(out, weights, **more):
+    return build_config("smoke", {"out": str(out), "captions.blip_model": weights["blip"],
+                                  "captions.clip_model": weights["clip"], "captions.max_new_tokens": 4, **more})
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory, tiny_weights, ray_local):
+    out = tmp_path_factory.mktemp("captions")
+    metrics = captions.run(caption_config(out, tiny_weights))
+    return out, metrics
+
+
+def test_one_row_per_image_of_every_split(captioned, tiny_weights):
+    out, metrics = captioned
+    table = pd.read_parquet(out / "captions" / "captions.parquet")
+    splits = load_data(build_config("smoke"))
+    for s in ("train", "val", "test"):
+        rows = table[table["split"] == s]
+        assert sorted(rows["id"]) == sorted(splits.image_ids(s))
+        assert (rows.set_index("id").loc[splits.image_ids(s), "label"].to_numpy() == splits.split(s)[1].numpy()).all()
+    assert table["id"].is_unique and len(table) == metrics["images"] == 3000
+    assert {len(e) for e in table["embedding"]} == {tiny_weights["clip_dim"]} == {metrics["embedding_dim"]}
+    assert table["caption"].map(len).min() > 0
+
+
+def test_a_second_run_reuses_the_cache(captioned, tiny_weights, capsys):
+    out, _ = captioned
+    before = os.stat(out / "captions" / "captions.parquet").st_mtime_ns
+    captions.run(caption_config(out, tiny_weights, **{"captions.actors": 2}))  # speed settings are not the result
+    assert "done already" in capsys.readouterr().out
+    assert os.stat(out / "captions" / "captions.parquet").st_mtime_ns == before
+
+
+def test_an_interrupted_run_starts_clean(tmp_path, tiny_weights, ray_local, monkeypatch, capsys):
+    real, calls = captions._write_part, []
+
+    def crash_after_one(folder, k, batch):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(k)
+        real(folder, k, batch)
+
+    monkeypatch.setattr(captions, "_write_part", crash_after_one)
+    cfg = caption_config(tmp_path, tiny_weights, **{"captions.batch_size": 100})
+    with pytest.raises(KeyboardInterrupt):
+        captions.run(cfg)
+    folder = tmp_path / "captions"
+    assert os.listdir(folder / captions.PARTS) and not (folder / "captions.parquet").exists()
+    assert not (folder / "config.json").exists()
+    monkeypatch.setattr(captions, "_write_part", real)
+    metrics = captions.run(cfg)
+    assert "starting clean" in capsys.readouterr().out
+    assert metrics["images"] == len(pd.read_parquet(folder / "captions.parquet")) == 3000
+    assert not (folder / captions.PARTS).exists()
+
+
+def test_offline_without_weights_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "raysslvit", "captions", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "BLIP 'Salesforce/blip-image-captioning-base'" in lines[0] and "CLIP ViT-B-32" in lines[0]
+    assert "--blip-model PATH" in lines[0]
+
+
+def test_label_word_rate_counts_class_names_and_synonyms():
+    classes = ["automobile", "bird", "cat"]
+    assert label_word_rate(["a red car on the road", "two parrots", "a dog", "the cathedral"], [0, 1, 2, 2], classes) == 0.5
+
+
+def test_fusion_through_a_real_torchtrainer(tmp_path, smoke_run, captioned, ray_local):
+    out, _ = captioned
+    cfg = build_config("smoke", {"out": str(tmp_path), "checkpoint": str(smoke_run / "ssl" / "model.pt"),
+                                 "fusion.video_checkpoint": str(smoke_run / "video_2" / "model.pt"),
+                                 "fusion.captions": str(out / "captions" / "captions.parquet"), "fusion.epochs": 1})
+    metrics = fusion.run(cfg)
+    assert os.listdir(tmp_path / "fusion" / "checkpoints")[0].startswith("ray-")
+    for key in ("val_acc", "test_acc", "best_val_epoch", "text_only_test_acc", "shuffled_caption_test_acc",
+                "no_caption_test_acc", "label_word_rate"):
+        assert metrics[key] is not None, key
+    video_test = pd.read_json(smoke_run / "video_2" / "metrics.json", typ="series")["test_acc"]
+    assert metrics["no_caption_test_acc"] == pytest.approx(video_test, abs=1e-6)  # the video model it started from
+
+
+def test_keys_and_values_come_from_the_text():
+    torch.manual_seed(0)
+    encoder = VisionTransformer(ViTConfig(embed_dim=32, depth=2, num_heads=2))
+    model = FusionTransformer(VideoTransformer(encoder, 10, clip_len=4, st_blocks=2), text_dim=24).eval()
+    seen = {}
+    model.cross.attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(q=args[0], kv=args[1]), with_kwargs=True)
+    clips, text = torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 24)
+    with torch.no_grad():
+        base = model(clips, text)
+        q, kv = seen["q"], seen["kv"]
+        other_text = model(clips, torch.randn(2, 4, 24))
+        assert not torch.allclose(base, other_text) and torch.equal(seen["q"], q) and not torch.allclose(seen["kv"], kv)
+        model(torch.randn(2, 4, 3, 32, 32), text)
+        assert not torch.allclose(seen["q"], q) and torch.equal(seen["kv"], kv)
+
