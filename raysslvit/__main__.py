@@ -66,7 +66,11 @@ def _run(args) -> None:
           f"  fine-tuned        test_acc {r['finetune']['test_acc']:.4f}\n"
           f"  pseudo-video      test_acc {r['video_1']['test_acc']:.4f} (1 block)  {r['video_2']['test_acc']:.4f} (2)  "
           f"{r['video_mean']['test_acc']:.4f} (mean)\n"
-          f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}", flush=True)
+          f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}\n"
+          + ("  caption fusion    skipped (see above)" if "skipped" in r["fusion"] else
+             f"  caption fusion    test_acc {r['fusion']['test_acc']:.4f}  (captions alone "
+             f"{r['fusion']['text_only_test_acc']:.4f}, shuffled {r['fusion']['shuffled_caption_test_acc']:.4f})"),
+          flush=True)
 
 
 if __name__ == "__main__":

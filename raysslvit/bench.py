@@ -5,7 +5,9 @@
 - step: training-step throughput of our classifier against timm's VisionTransformer, same config,
   same batch, alternating rounds (ours also with the last block computing every token, as timm's);
 - corruption: the masked + rotated corruption as a fraction of one whole SSL step;
-- launcher: one SSL epoch through the Ray Train TorchTrainer stage against the same `fit` in-process.
+- launcher: one SSL epoch through the Ray Train TorchTrainer stage against the same `fit` in-process;
+- captions: the Ray Data caption pipeline's images/s with 2 actors per model against 1 (the
+  weights of --blip-model / --clip-model; without them, tiny random models: the pipeline's own cost).
 """
 from __future__ import annotations
 
@@ -141,6 +143,36 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def bench_captions(blip: str, clip: str, clip_pretrained: str, images: int, batch_size: int) -> dict:
+    """The caption pipeline over the same `images` sample images with 1 and 2 actors per model."""
+    import numpy as np
+
+    from raysslvit.captions import caption_batches, resolve_weights
+    from raysslvit.config import CaptionsConfig
+    from raysslvit.data import load_splits
+    from raysslvit.launch import start_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not blip:
+            from raysslvit.tiny_models import save_tiny_caption_models
+
+            tiny = save_tiny_caption_models(tmp)
+            blip, clip = tiny["blip"], tiny["clip"]
+        start_ray()
+        x = load_splits("sample").train_x[:images].permute(0, 2, 3, 1).numpy()
+        meta = {"id": [str(i) for i in range(len(x))], "split": ["train"] * len(x), "label": np.zeros(len(x), dtype=np.int64)}
+        out = {"weights": {"blip": blip, "clip": clip}, "images": len(x)}
+        for actors in (1, 2):
+            c = CaptionsConfig(blip_model=blip, clip_model=clip, clip_pretrained=clip_pretrained, actors=actors,
+                               batch_size=batch_size)
+            weights = resolve_weights(c)
+            t0 = time.perf_counter()
+            rows = sum(len(b) for b in caption_batches(x, meta, c, weights, use_gpu=False))
+            out[f"actors_{actors}_images_per_s"] = rows / (time.perf_counter() - t0)
+    out["ratio_2_to_1"] = out["actors_2_images_per_s"] / out["actors_1_images_per_s"]
+    return out
+
+
 def main(argv=None) -> int:
     model = build_config("cpu").model  # the defaults: the cpu preset's model
     p = argparse.ArgumentParser(prog="python -m raysslvit.bench", description=__doc__.splitlines()[0])
@@ -155,7 +187,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="SSL epochs per launcher")
     p.add_argument("--threads", type=int, default=0,
                    help="compute threads for the launcher epochs (default: every core)")
-    p.add_argument("--skip", action="append", default=[], choices=("step", "corruption", "launcher"))
+    p.add_argument("--blip-model", default="", help="captions: BLIP weights (default: a tiny random model)")
+    p.add_argument("--clip-model", default="", help="captions: open_clip model, with --blip-model")
+    p.add_argument("--clip-pretrained", default="", help="captions: open_clip tag for a named model")
+    p.add_argument("--caption-images", type=int, default=1000, help="captions: images per pipeline run")
+    p.add_argument("--skip", action="append", default=[], choices=("step", "corruption", "launcher", "captions"))
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +206,9 @@ def main(argv=None) -> int:
         data = {"data.data_dir": args.data_dir} if args.data_dir else {"data.data": args.data}
         model_fields = {f"model.{k}": v for k, v in cfg.to_dict().items()}
         result["launcher"] = bench_launcher({**data, **model_fields}, args.epochs, args.threads)
+    if "captions" not in args.skip:
+        result["captions"] = bench_captions(args.blip_model, args.clip_model, args.clip_pretrained,
+                                            args.caption_images, batch_size=64)
     result["provenance"] = provenance()
     write_json(args.out, result)
     print(__import__("json").dumps({k: v for k, v in result.items() if k != "provenance"}, indent=2))

@@ -1,6 +1,5 @@
 """Shared fixtures: a real local Ray (2 CPUs) and the path of the JPEG copy of CIFAR-10, if present."""
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -28,42 +27,10 @@ def smoke_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> dict:
-    """Tiny randomly initialised BLIP (transformers) and CLIP (open_clip) saved as local folders, as
-    a user with real weights would pass them: {"blip": folder, "clip": "local-dir:folder", "clip_dim"}."""
-    import open_clip
-    import torch
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    """Tiny random BLIP and CLIP saved as local folders, as a user with real weights passes them."""
+    from raysslvit.tiny_models import save_tiny_caption_models
 
-    root = tmp_path_factory.mktemp("weights")
-    clip_dir, blip_dir = root / "clip", root / "blip"
-    clip_dir.mkdir()
-    cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (root / "configs").mkdir()
-    (root / "configs" / "tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(root / "configs")
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-clip", pretrained=None)
-    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    torch.save(model.state_dict(), clip_dir / "open_clip_pytorch_model.bin")
-
-    blip_dir.mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "the", "on", "grass", "water",
-             "dog", "cat", "car", "truck", "ship", "bird", "horse", "frog", "deer", "airplane", "red", "small"]
-    (blip_dir / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizer(vocab=str(blip_dir / "vocab.txt"))  # transformers 5 ignores vocab_file=
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    ids = {w: i for i, w in enumerate(words)}
-    config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=ids["[DEC]"], sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"]))
-    BlipForConditionalGeneration(config).save_pretrained(blip_dir)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(blip_dir)
-    return {"blip": str(blip_dir), "clip": f"local-dir:{clip_dir}", "clip_dim": 24}
+    return save_tiny_caption_models(str(tmp_path_factory.mktemp("weights")))
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ STAGES = {
 def run_study(cfg: Config, fresh: bool = False) -> dict:
     """The whole study in order; finished stages are skipped, interrupted ones resume: M and its
     probe, the InfoNCE baseline (SimCLR's objective, same encoder, probed the same way),
-    fine-tuning, analysis, pseudo-video with one and two spatio-temporal blocks and the mean baseline."""
+    fine-tuning, analysis, pseudo-video with one and two spatio-temporal blocks and the mean baseline,
+    then captions and fusion, skipped with a line saying why when they cannot run here (no weights)."""
     results = {name: STAGES[name][1](cfg, fresh) for name in ("ssl", "probe")}
     baseline = replace(cfg, ssl=replace(cfg.ssl, objective="infonce"))
     baseline = replace(baseline, checkpoint=os.path.join(cfg.out_dir, ssl.stage_name(baseline), "model.pt"))
@@ -31,4 +32,11 @@ def run_study(cfg: Config, fresh: bool = False) -> dict:
     for change in ({"st_blocks": 1}, {"st_blocks": 2}, {"temporal": "mean"}):
         variant = replace(cfg, video=replace(cfg.video, **change))
         results[video.stage_name(variant)] = video.run(variant, fresh)
+    reason = captions.unavailable(cfg)
+    if reason:
+        print(f"captions, fusion: skipped: {reason}", flush=True)
+        results["captions"] = results["fusion"] = {"skipped": reason}
+    else:
+        results["captions"] = captions.run(cfg, fresh)
+        results["fusion"] = fusion.run(cfg, fresh)
     return results

@@ -39,6 +39,23 @@ def load_table(path: str):
     return pd.read_parquet(path).set_index("id")
 
 
+def unavailable(cfg: Config) -> str | None:
+    """Why the stage cannot run here (no Ray Data, no weights), or None."""
+    import importlib.util
+
+    from raysslvit.captions import resolve_weights
+    from raysslvit.errors import UserError
+
+    for module, package in (("ray", "ray[data]"), ("open_clip", "open_clip_torch"), ("transformers", "transformers")):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install '{package}')"
+    try:
+        resolve_weights(cfg.captions)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def _progress(done: int, total: int, start: float, last: list) -> None:
     now = time.perf_counter()
     if done < total and now - last[0] < 10:
