@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from raysslvit.config import SECTIONS, Config, build_config, parse_assignments
-from raysslvit.errors import OneLineParser, run_cli
+from raysslvit.errors import OneLineParser, UserError, run_cli
 
 COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
           "checkpoint")
@@ -21,7 +22,7 @@ def _add_fields(parser, cls, prefix: str, names=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysslvit.stages import STAGES
+    from raysslvit.stages import STAGES, STUDY
 
     parser = OneLineParser(prog="python -m raysslvit", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True, parser_class=OneLineParser)
@@ -34,14 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
             _add_fields(p, SECTIONS["model"], "model.", [f.name for f in dataclasses.fields(SECTIONS["model"]) if f.name not in own])
         if name != "run":
             _add_fields(p, SECTIONS[STAGES[name][0]], f"{STAGES[name][0]}.")
+        else:
+            p.add_argument("--stages", default="", help=f"a subset, with what it needs: {','.join(STUDY)}")
+            p.add_argument("--seeds", default="", help="e.g. 0,1,2: the study once per seed, the report over all (mean ± std)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="any config field, e.g. --set finetune.epochs=10")
         p.add_argument("--fresh", action="store_true", help="ignore finished results and checkpoints")
+        p.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too")
+    p = sub.add_parser("report", help="rebuild <out>/report.html, report.md and results.json from disk")
+    p.add_argument("--out", required=True, help="the study's run folder")
     return parser
 
 
+RUN_ONLY = ("stage", "set", "fresh", "verbose", "stages", "seeds")
+
+
 def config_from_args(args) -> Config:
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("stage", "set", "fresh")}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in RUN_ONLY}
     overrides.update(parse_assignments(args.set))
     return build_config(overrides.pop("preset", "smoke"), overrides)
 
@@ -51,26 +61,29 @@ def main(argv=None) -> int:
     return run_cli("raysslvit", lambda: _run(args))
 
 
-def _run(args) -> None:
-    from raysslvit.stages import STAGES, run_study
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds expects integers separated by commas, got {text!r}") from None
 
+
+def _run(args) -> None:
+    from raysslvit import launch, report
+    from raysslvit.stages import STAGES, run_seeds
+
+    if args.stage == "report":
+        report.build(os.path.abspath(args.out))
+        print(f"report: {os.path.join(os.path.abspath(args.out), 'report.html')}")
+        return
+    launch.VERBOSE[0] = args.verbose
     cfg = config_from_args(args)
     if args.stage != "run":
         STAGES[args.stage][1](cfg, fresh=args.fresh)
         return
-    r = run_study(cfg, fresh=args.fresh)
-    print(f"\nresults in {cfg.out_dir}/ (test split)\n"
-          f"  probe of M        test_acc {r['probe']['test_acc']:.4f}  (CLS only {r['probe']['test_acc_cls']:.4f})\n"
-          f"  probe of InfoNCE  test_acc {r['probe_ssl_infonce']['test_acc']:.4f}  "
-          f"(CLS only {r['probe_ssl_infonce']['test_acc_cls']:.4f})\n"
-          f"  fine-tuned        test_acc {r['finetune']['test_acc']:.4f}\n"
-          f"  pseudo-video      test_acc {r['video_1']['test_acc']:.4f} (1 block)  {r['video_2']['test_acc']:.4f} (2)  "
-          f"{r['video_mean']['test_acc']:.4f} (mean)\n"
-          f"  CKA before/after  {r['analyze']['cka_before']:.4f} / {r['analyze']['cka_after']:.4f}\n"
-          + ("  caption fusion    skipped (see above)" if "skipped" in r["fusion"] else
-             f"  caption fusion    test_acc {r['fusion']['test_acc']:.4f}  (captions alone "
-             f"{r['fusion']['text_only_test_acc']:.4f}, shuffled {r['fusion']['shuffled_caption_test_acc']:.4f})"),
-          flush=True)
+    results = run_seeds(cfg, _seeds(args.seeds), fresh=args.fresh, stages=args.stages)
+    print("\n" + report.summary(results), flush=True)
+    print(f"report: {os.path.join(cfg.out_dir, 'report.html')} (also report.md, results.json)", flush=True)
 
 
 if __name__ == "__main__":

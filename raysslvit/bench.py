@@ -4,6 +4,8 @@
 
 - step: training-step throughput of our classifier against timm's VisionTransformer, same config,
   same batch, alternating rounds (ours also with the last block computing every token, as timm's);
+  and its model FLOP utilisation: FLOPs per step (PyTorch's counter) per second, over this
+  machine's fp32 matmul peak measured in the same run;
 - corruption: the masked + rotated corruption as a fraction of one whole SSL step;
 - launcher: one SSL epoch through the Ray Train TorchTrainer stage against the same `fit` in-process;
 - captions: the Ray Data caption pipeline's images/s with 2 actors per model against 1 (the
@@ -83,10 +85,32 @@ def bench_step(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:
             if r >= 2:  # the first rounds warm up allocators and kernels
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    flops = step_flops(steps["ours"])
+    peak = matmul_peak(device, sync)
     return {"ours_img_per_s": batch / med["ours"], "timm_img_per_s": batch / med["timm"],
             "throughput_ratio": med["timm"] / med["ours"],
             "ours_all_tokens_img_per_s": batch / med["ours_all_tokens"],
-            "all_tokens_throughput_ratio": med["timm"] / med["ours_all_tokens"], "params": n_ours, "batch": batch}
+            "all_tokens_throughput_ratio": med["timm"] / med["ours_all_tokens"], "params": n_ours, "batch": batch,
+            "flops_per_step": flops, "achieved_flop_s": flops / med["ours"], "peak_matmul_flop_s": peak,
+            "mfu": flops / med["ours"] / peak}
+
+
+def step_flops(step) -> float:
+    """FLOPs of one training step (forward and backward), counted by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device, sync, n: int = 2048, rounds: int = 10) -> float:
+    """This machine's fp32 matmul FLOP/s, measured now: the best of `rounds` n x n products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b, sync) for _ in range(rounds))
+    return 2 * n ** 3 / best
 
 
 def bench_corruption(cfg: ViTConfig, batch: int, rounds: int, device) -> dict:

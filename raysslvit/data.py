@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -147,22 +148,36 @@ def load_image_folder(root: str, cache_dir: str) -> tuple:
         with np.load(cache) as z:
             return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])
     arrays = _assemble(files, root, _read_file)
-    os.makedirs(cache_dir, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3], classes=np.array(arrays[4]))
+    _save_arrays(cache, arrays)
     return arrays
 
 
-def load_sample() -> tuple:
-    """The embedded CIFAR-10 sample: an ImageFolder tree of the JPEG copy, zipped in the package."""
+def _save_arrays(cache: str, arrays: tuple) -> None:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, train_x=arrays[0], train_y=arrays[1], test_x=arrays[2], test_y=arrays[3], classes=np.array(arrays[4]))
+
+
+def load_sample(cache_dir: str = "") -> tuple:
+    """The embedded CIFAR-10 sample: an ImageFolder tree of the JPEG copy, zipped in the package;
+    decoded once into `cache_dir` when one is given (every stage of a study loads it again)."""
+    cache = ""
+    if cache_dir:
+        cache = os.path.join(cache_dir, f"sample-{source_digest('sample').removeprefix('sample:')[:16]}.npz")
+        if os.path.exists(cache):
+            with np.load(cache) as z:
+                return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])
     with zipfile.ZipFile(SAMPLE_ZIP) as z:
         files: dict[str, dict[str, list]] = {}
         for name in sorted(z.namelist()):
             parts = name.split("/")
             if len(parts) == 3 and parts[2]:
                 files.setdefault(parts[0], {}).setdefault(parts[1], []).append(name)
-        return _assemble(files, SAMPLE_ZIP, z.read)
+        arrays = _assemble(files, SAMPLE_ZIP, z.read)
+    if cache:
+        _save_arrays(cache, arrays)
+    return arrays
 
 
 def load_cifar10(root: str) -> tuple:
@@ -179,11 +194,22 @@ def load_cifar10(root: str) -> tuple:
     return (*as_np(train), *as_np(test), list(train.classes))
 
 
+# seconds the last `load_splits` of this process took: a stage's time is broken down with it
+LOAD_SECONDS = [0.0]
+
+
 def load_splits(data: str, data_dir: str = "", data_root: str = "", val_fraction: float = 0.1,
                 split_seed: int = 0) -> Splits:
     """Load a source and hold out a seeded, stratified validation split from train."""
+    started = time.perf_counter()
+    splits = _load_splits(data, data_dir, data_root, val_fraction, split_seed)
+    LOAD_SECONDS[0] = time.perf_counter() - started
+    return splits
+
+
+def _load_splits(data: str, data_dir: str, data_root: str, val_fraction: float, split_seed: int) -> Splits:
     if data == "sample":
-        arrays = load_sample()
+        arrays = load_sample(os.path.join(data_root, "cache") if data_root else "")
     elif data == "cifar10":
         arrays = load_cifar10(data_root)
     else:

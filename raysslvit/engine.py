@@ -29,12 +29,17 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prepare_model: Callable[[nn.Module], nn.Module] | None = None
+    sink: Callable[[str], None] | None = None  # where rank 0's lines go (a Ray queue to the console); default stdout
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.prepare_model(model) if self.prepare_model else model.to(self.device)
 
     def log(self, line: str) -> None:
-        if self.rank == 0:  # not print(): Ray Train patches it to log each line twice
+        if self.rank != 0:
+            return
+        if self.sink is not None:
+            self.sink(line)
+        else:  # not print(): Ray Train patches it to log each line twice
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
@@ -131,6 +136,7 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
         set_rng_state(resume["rng"][ctx.rank], ctx.device)  # the draws continue where they stopped
         ctx.log(f"{task.name}: resumed after epoch {resume['epoch'] + 1}/{cfg.epochs}")
 
+    fit_started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         batches = batcher(epoch)
@@ -144,8 +150,11 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
         if score > best:
             best, best_state = score, copy.deepcopy(base.state_dict())
         history.append(metrics)
-        ctx.log(f"{task.name} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        elapsed = time.perf_counter() - fit_started
+        eta = elapsed / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
+        ctx.log(f"{task.name} epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "train_loss")) and isinstance(v, float))
+            + f"  {elapsed:.0f} s, ETA {eta:.0f} s")
         state = {"model": base.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
                  "best_state": best_state, "history": history, "model_config": base.encoder.cfg.to_dict(),
                  "rng": rng_states(ctx)}

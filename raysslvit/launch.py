@@ -7,6 +7,7 @@ checkpoint folder). The run folder (skip, resume, atomic writes) is `rundir.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from raysslvit.artifacts import read_json, write_json
+from raysslvit import data
 from raysslvit.config import Config
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
@@ -26,6 +28,10 @@ from raysslvit.rundir import RunFolder, load_state, stage_fingerprint, write_che
 WorkerFn = Callable[[Config, WorkerContext, Callable, "dict | None"], dict]
 # Test hook: the Ray Train worker of rank 0 exits once, after reporting this epoch (0: never).
 FAIL_AT_EPOCH = "RAYSSLVIT_TEST_FAIL_AT_EPOCH"
+# --verbose: Ray's own logs (its workers', its controller's, its INFO lines) on the console too
+VERBOSE = [False]
+# seconds `start_ray` spent starting Ray, charged to the stage that started it
+_RAY_START = [0.0]
 
 
 def _use_gpu(cfg: Config, available: bool) -> bool:
@@ -39,7 +45,13 @@ def _call_worker(worker: WorkerFn, cfg: Config, ctx: WorkerContext, report: Call
     `fit` seeds each rank, and torch seeds itself at random on import: without this no two runs of
     one config would start alike. Every rank builds the same initial model."""
     torch.manual_seed(cfg.seed)
-    return worker(cfg, ctx, report, resume)
+    started = time.time()
+
+    def timed_report(metrics: dict, state: dict | None):  # where the stage's time went, for `launch`
+        timing = {"started_unix": started, "worker_s": time.time() - started, "data_s": data.LOAD_SECONDS[0]}
+        report({**metrics, "timing": timing}, state)
+
+    return worker(cfg, ctx, timed_report, resume)
 
 
 # --- local: the same worker function, in this process --------------------------------------------
@@ -74,14 +86,62 @@ def run_local(worker: WorkerFn, cfg: Config, folder: RunFolder, meta: dict, resu
 
 def start_ray(**kwargs) -> None:
     """Join the Ray this process already runs in (a Tune trial) or the one `RAY_ADDRESS` names (a
-    cluster); else start a local one. Keywords pass through to a Ray this call starts."""
+    cluster); else start a local one. Keywords pass through to a Ray this call starts. Unless
+    --verbose, Ray's workers do not print to this console (their logs stay in Ray's log folder):
+    the stages' own lines come through `_ProgressChannel`."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        kwargs = {}  # a cluster's resources are its own
-    ray.init(log_to_driver=True, configure_logging=False, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k == "log_to_driver"}  # a cluster's resources are its own
+    if not VERBOSE[0]:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # the token-auth notice, Ray Data's progress lines
+    started = time.perf_counter()
+    ray.init(**{"log_to_driver": VERBOSE[0], "configure_logging": False, **kwargs})
+    _RAY_START[0] = time.perf_counter() - started
+
+
+class _ProgressChannel:
+    """The stages' progress lines from Ray Train workers to this console, through a Ray queue (an
+    actor holding no CPU), drained by a thread while the trainer runs; one queue per Ray session."""
+
+    _queue, _job = None, None
+
+    @classmethod
+    def queue(cls):
+        import ray
+        from ray.util.queue import Queue
+
+        job = ray.get_runtime_context().get_job_id()
+        if cls._queue is None or cls._job != job:
+            cls._queue, cls._job = Queue(actor_options={"num_cpus": 0}), job
+        return cls._queue
+
+    def __init__(self):
+        import threading
+
+        self.q, self.stop = self.queue(), threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+
+    def _drain(self):
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                print(self.q.get(timeout=0.2), flush=True)
+            except Empty:
+                if self.stop.is_set():
+                    return
+
+    def __enter__(self):
+        self.thread.start()
+        return self.q
+
+    def __exit__(self, *_):
+        self.stop.set()
+        self.thread.join()
+        return False
 
 
 def _quiet_ray_reports() -> None:
@@ -104,8 +164,10 @@ def _ray_worker(loop_config: dict) -> None:
     _quiet_ray_reports()
     cfg, meta, fail_at = loop_config["cfg"], loop_config["meta"], loop_config["fail_at_epoch"]
     tc = ray.train.get_context()
+    progress = loop_config["progress"]
     ctx = WorkerContext(rank=tc.get_world_rank(), world_size=tc.get_world_size(),
-                        device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model)
+                        device=ray.train.torch.get_device(), prepare_model=ray.train.torch.prepare_model,
+                        sink=progress.put if progress is not None else None)
 
     def report(metrics: dict, state: dict | None):
         if state is None:
@@ -153,17 +215,21 @@ def run_ray(worker: WorkerFn, cfg: Config, folder: RunFolder, meta: dict, resume
     storage = os.path.abspath(folder.checkpoints)
     name = f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     user_error = os.path.join(storage, f"{name}.user_error.json")
+    # inside a Tune trial, Tune shows the workers' output; from a console, a progress channel does
+    channel = _ProgressChannel() if not (VERBOSE[0] or ray.get_runtime_context().get_actor_id()) else None
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": cfg, "worker": worker, "meta": meta, "threads": threads, "storage": storage,
-                           "user_error": user_error, "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH) or 0)},
+                           "user_error": user_error, "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH) or 0),
+                           "progress": channel.q if channel else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or []),
         resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume) if resume else None,
     )
-    result = trainer.fit()
+    with channel or contextlib.nullcontext():
+        result = trainer.fit()
     if os.path.exists(user_error):
         message = read_json(user_error)["error"]
         os.remove(user_error)
@@ -191,13 +257,31 @@ def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool 
         return done
     resume = None if fresh else folder.resume_point()
     meta = {"stage": stage, "fingerprint": folder.fingerprint}
+    how = "in-process" if cfg.launcher == "local" else f"Ray Train, {cfg.num_workers} worker(s)"
+    print(f"{stage}: starting ({how}{', resuming' if resume else ''})", flush=True)
+    started, started_unix = time.perf_counter(), time.time()
     metrics, checkpoint = BACKENDS[cfg.launcher](worker, cfg, folder, meta, resume, on_epoch=on_epoch,
                                                  callbacks=callbacks)
+    metrics = {**metrics, "timing": _timing(metrics.get("timing"), time.perf_counter() - started, started_unix)}
     state = load_state(checkpoint)
     model = None
     if state is not None:  # the model config travels with the weights (fine-tuning keeps M's shape)
         model = {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]}
     folder.write(cfg, metrics, model, inputs=inputs or {})
-    print(f"{stage}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                  if k.startswith(("val_", "test_")) and isinstance(v, float)) + f"  -> {folder.path}", flush=True)
+    print(f"{stage}: done in {metrics['timing']['wall_s']:.0f} s: " + " ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float))
+        + f"  -> {folder.path}", flush=True)
     return metrics
+
+
+def _timing(worker: dict | None, wall: float, started_unix: float) -> dict:
+    """Where a stage's wall time went: starting Ray (the stage that started it), starting the
+    workers (TorchTrainer), loading data, computing (training and evaluation), and the rest
+    (the result's way back, the worker group's end)."""
+    ray_start, _RAY_START[0] = _RAY_START[0], 0.0
+    if not worker:
+        return {"wall_s": wall, "ray_start_s": ray_start}
+    startup = max(0.0, worker["started_unix"] - started_unix - ray_start)
+    return {"wall_s": wall, "ray_start_s": ray_start, "startup_s": startup, "data_s": worker["data_s"],
+            "compute_s": worker["worker_s"] - worker["data_s"],
+            "finish_s": max(0.0, wall - ray_start - startup - worker["worker_s"])}

@@ -186,7 +186,7 @@ def run_study(args):
     storage = args.storage_path if "://" in args.storage_path else os.path.abspath(args.storage_path)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    start_ray()
+    start_ray(log_to_driver=True)  # Tune's console shows its trials' lines
     path = os.path.join(storage, name)
     if spec["shared"] and "checkpoint" not in spec["overrides"]:  # M once for every trial (reused while unchanged)
         if "://" in storage:

@@ -12,10 +12,16 @@ from raysslvit.stages import finetune, probe, ssl, video
 from raysslvit.stages.common import load_encoder
 
 
-def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local):
+def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local, capfd):
     cfg = build_config("smoke", {"out": str(tmp_path), "ssl.epochs": 2})
     metrics = ssl.run(cfg)
+    console = capfd.readouterr()
     assert len(metrics["history"]) == 2 and 0 <= metrics["val_rotation_acc"] <= 1
+    # the workers' epoch lines reach the console through the progress channel; Ray's own noise does not
+    assert "ssl epoch 2/2  train_loss" in console.out and "ETA" in console.out and "ssl: done in" in console.out
+    for noise in ("core_worker.cc", "Token authentication", "\x1b[", "TrainController", "RayTrainWorker"):
+        assert noise not in console.out + console.err, noise
+    assert {"wall_s", "startup_s", "data_s", "compute_s"} <= set(metrics["timing"])
     assert os.listdir(tmp_path / "ssl" / "checkpoints")[0].startswith("ray-")
     assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(tmp_path / "ssl"))
 

@@ -7,6 +7,7 @@ models' weights, the data and the config are unchanged). Writes `<out>/analyze/m
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -124,6 +125,7 @@ def model_paths(cfg: Config) -> dict[str, str]:
 
 
 def run(cfg: Config, fresh: bool = False) -> dict:
+    started = time.perf_counter()
     a = cfg.analyze
     paths = model_paths(cfg)
     models = {k: load_encoder(p) for k, p in paths.items()}
@@ -157,6 +159,7 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     plot_cka(arrays["cka_layers_before"], arrays["cka_layers_after"], os.path.join(folder.path, "cka.png"))
     with atomic_path(os.path.join(folder.path, "arrays.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+    metrics["timing"] = {"wall_s": time.perf_counter() - started}
     folder.write(cfg, metrics, inputs=paths)
     print("analyze " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
     return metrics

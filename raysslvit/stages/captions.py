@@ -109,7 +109,7 @@ def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
     frame = pd.read_parquet(partial)
     metrics = {"images": len(frame), "embedding_dim": int(len(frame["embedding"].iloc[0])),
                "label_word_rate": label_word_rate(frame["caption"].tolist(), frame["label"].tolist(), splits.classes),
-               "images_per_s": total / wall, "wall_s": wall}
+               "images_per_s": total / wall, "timing": {"wall_s": wall}}
     with atomic_path(table) as tmp:  # the finished table replaces the old one only now
         frame.sort_values("id", kind="stable").to_parquet(tmp, index=False)
     shutil.rmtree(partial)

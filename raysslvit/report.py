@@ -1,0 +1,245 @@
+"""The study's report, built from the run folders on disk: `<out>/report.html` (one file, figures
+inlined), `<out>/report.md` and `<out>/results.json` (stable keys, no per-epoch history).
+
+    python -m raysslvit report --out DIR
+
+With several seeds (`run --seeds 0,1,2`), DIR holds one study per seed in `seed_<k>/` and every
+figure is the mean ± std over them.
+"""
+from __future__ import annotations
+
+import base64
+import glob
+import html
+import io
+import json
+import os
+import statistics
+
+from matplotlib.figure import Figure
+
+from raysslvit.artifacts import atomic_path, read_json, write_json
+from raysslvit.errors import UserError
+
+# results.json key -> the stage's folder
+STAGES = {"ssl": "ssl", "probe": "probe", "infonce": "ssl_infonce", "infonce_probe": "probe_ssl_infonce",
+          "finetune": "finetune", "analyze": "analyze", "video_1": "video_1", "video_2": "video_2",
+          "video_mean": "video_mean", "captions": "captions", "fusion": "fusion"}
+# (results key, metric, what it is, the study's figure)
+TABLE = [
+    ("probe", "test_acc_cls", "linear probe of M, final CLS (the study's protocol)", 0.3851),
+    ("probe", "test_acc", "linear probe of M, the chosen features", None),
+    ("infonce_probe", "test_acc_cls", "linear probe of the InfoNCE baseline, final CLS", 0.4008),
+    ("finetune", "test_acc", "fine-tuning", 0.4029),
+    ("video_1", "test_acc", "pseudo-video, 1 spatio-temporal block", 0.4404),
+    ("video_2", "test_acc", "pseudo-video, 2 spatio-temporal blocks", 0.4244),
+    ("video_mean", "test_acc", "pseudo-video, mean of frame tokens", None),
+    ("fusion", "test_acc", "caption fusion (2 blocks)", 0.7013),
+    ("fusion", "text_only_test_acc", "captions alone (linear probe on CLIP embeddings)", None),
+    ("fusion", "shuffled_caption_test_acc", "fusion given other images' captions", None),
+    ("analyze", "cka_before", "CKA, CLS entering the last block vs after its attention: M", 0.8698),
+    ("analyze", "cka_after", "the same, fine-tuned model", 0.7353),
+]
+ANALYZE = [("focus_entropy_before", "focus entropy of the CLS-to-patch map, M (lower = focused)"),
+           ("focus_entropy_after", "the same, fine-tuned model"),
+           ("top4_mass_before", "mass in the top 4 of 16 patches, M"), ("top4_mass_after", "the same, fine-tuned model"),
+           ("cka_block_before", "CKA, CLS entering vs leaving the last block: M"),
+           ("cka_block_after", "the same, fine-tuned model")]
+FIGURES = [("maps.png", "Similarity maps: the CLS output against each patch, M and fine-tuned"),
+           ("tokens.png", "Token-by-token cosine similarity"), ("cka.png", "CKA of the CLS at every depth")]
+# the val metric each trained stage picks its epoch by
+MONITORS = {"ssl": "val_rotation_acc", "finetune": "val_acc", "video_1": "val_acc", "video_2": "val_acc",
+            "video_mean": "val_acc", "fusion": "val_acc"}
+
+
+def seed_dirs(out: str) -> dict[int, str]:
+    """{seed: study folder}: `seed_<k>/` folders when there are any, else `out` itself (one seed)."""
+    found = {int(p.rsplit("_", 1)[1]): p for p in glob.glob(os.path.join(out, "seed_*")) if p.rsplit("_", 1)[1].isdigit()}
+    if found:
+        return dict(sorted(found.items()))
+    config = os.path.join(out, "ssl", "config.json")
+    return {read_json(config)["seed"] if os.path.exists(config) else 0: out}
+
+
+def _metrics(folder: str) -> dict | None:
+    path = os.path.join(folder, "metrics.json")
+    return read_json(path) if os.path.exists(path) else None
+
+
+def _numbers(m: dict) -> dict:
+    return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def collect(out: str) -> dict:
+    """results.json: every stage's metrics (mean over seeds, `<key>_std` beside each when several),
+    without per-epoch history, plus seeds, wall times, config and provenance."""
+    if not os.path.isdir(out):
+        raise UserError(f"run folder not found: {out}")
+    dirs = seed_dirs(out)
+    results: dict = {"seeds": list(dirs)}
+    for key, stage in STAGES.items():
+        runs = [m for d in dirs.values() if (m := _metrics(os.path.join(d, stage))) is not None]
+        if not runs:
+            continue
+        if len(runs) == 1:
+            results[key] = {k: v for k, v in runs[0].items() if k != "history"}
+            continue
+        merged = {}
+        for k in sorted(set.intersection(*(set(_numbers(r)) for r in runs))):
+            values = [float(r[k]) for r in runs]
+            merged[k], merged[f"{k}_std"] = statistics.mean(values), statistics.stdev(values)
+        merged["per_seed"] = {str(s): {k: v for k, v in m.items() if k != "history"}
+                              for s, m in zip(dirs, runs)}
+        results[key] = merged
+    first = next(iter(dirs.values()))
+    saved = next((read_json(c) for c in sorted(glob.glob(os.path.join(first, "*", "config.json")))), None)
+    if saved is None:
+        raise UserError(f"no finished stage in {out}: run `python -m raysslvit run --out {out}` first")
+    results["config"] = saved["config"]
+    results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
+    study = [read_json(p) for d in dirs.values() if os.path.exists(p := os.path.join(d, "study.json"))]
+    results["skipped"] = study[0]["skipped"] if study else {}
+    results["study_wall_s"] = sum(s["wall_s"] for s in study)
+    return results
+
+
+def _fmt(m: dict | None, key: str) -> str:
+    if not m or m.get(key) is None:
+        return "—"
+    std = m.get(f"{key}_std")
+    return f"{m[key]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def _wall_times(out: str) -> list[tuple[str, dict]]:
+    """(stage, timing summed over seeds) for every stage that recorded one."""
+    rows = []
+    for key, stage in STAGES.items():
+        timings = [m["timing"] for d in seed_dirs(out).values()
+                   if (m := _metrics(os.path.join(d, stage))) and isinstance(m.get("timing"), dict)]
+        if timings:
+            rows.append((key, {k: sum(t.get(k) or 0.0 for t in timings) for k in timings[0]}))
+    return rows
+
+
+def training_curves(out: str) -> bytes | None:
+    """One figure: for every trained stage, its val metric (top) and train loss (bottom) per epoch,
+    one line per seed."""
+    stages = [(key, STAGES[key]) for key in MONITORS]
+    histories = {key: {s: m["history"] for s, d in seed_dirs(out).items()
+                       if (m := _metrics(os.path.join(d, stage))) and m.get("history")} for key, stage in stages}
+    histories = {k: v for k, v in histories.items() if v}
+    if not histories:
+        return None
+    fig = Figure(figsize=(2.8 * len(histories), 5), layout="constrained")
+    axes = fig.subplots(2, len(histories), squeeze=False)
+    for c, (key, by_seed) in enumerate(histories.items()):
+        for seed, history in by_seed.items():
+            epochs = [h["epoch"] for h in history]
+            axes[0, c].plot(epochs, [h.get(MONITORS[key]) for h in history], marker=".", label=f"seed {seed}")
+            axes[1, c].plot(epochs, [h.get("train_loss") for h in history], marker=".")
+        axes[0, c].set_title(key)
+        axes[0, c].set_ylabel(MONITORS[key])
+        axes[1, c].set_ylabel("train_loss")
+        axes[1, c].set_xlabel("epoch")
+    if len(seed_dirs(out)) > 1:
+        axes[0, 0].legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _skipped_rows(results: dict) -> list[list[str]]:
+    """[stages, why] per reason: captions and fusion share theirs."""
+    by_reason: dict[str, list[str]] = {}
+    for key, why in results.get("skipped", {}).items():
+        by_reason.setdefault(why, []).append(key)
+    return [[", ".join(keys), why] for why, keys in by_reason.items()]
+
+
+def summary(results: dict) -> str:
+    """The results table as console lines (test split)."""
+    rows = [(what, _fmt(results.get(key), metric), f"{study:.4f}" if study else "")
+            for key, metric, what, study in TABLE if results.get(key) and key not in results.get("skipped", {})]
+    width = max(len(r[0]) for r in rows) if rows else 0
+    lines = [f"{'figure (test split)':<{width}}  {'ours':<16}  the study"]
+    lines += [f"{what:<{width}}  {ours:<16}  {study}" for what, ours, study in rows]
+    lines += [f"{keys}: skipped ({why})" for keys, why in _skipped_rows(results)]
+    return "\n".join(lines)
+
+
+def build(out: str) -> dict:
+    """Write results.json, report.md and report.html under `out`; returns the results."""
+    results = collect(out)
+    n = len(results["seeds"])
+    spread = f"mean ± std over {n} seeds ({', '.join(map(str, results['seeds']))})" if n > 1 else f"seed {results['seeds'][0]}"
+    main_rows = [[what, _fmt(results.get(key), metric), f"{study:.4f}" if study else ""]
+                 for key, metric, what, study in TABLE if key not in results.get("skipped", {})]
+    skipped = _skipped_rows(results)
+    analyze_rows = [[what, _fmt(results.get("analyze"), key)] for key, what in ANALYZE]
+    time_rows = [[key] + [f"{t.get(k, 0.0):.1f}" for k in ("wall_s", "ray_start_s", "startup_s", "data_s", "compute_s",
+                                                             "finish_s")] for key, t in _wall_times(out)]
+    time_header = ["stage", "wall (s)", "Ray start", "workers start", "data load", "compute", "finish"]
+    prov = results["provenance"]
+    hardware = prov.get("hardware") or {}
+    machine = f"{hardware.get('cpu', '?')} ({hardware.get('cpus', '?')} CPUs)" + (f", {hardware['gpu']}" if hardware.get("gpu") else "")
+    versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
+    total = results["study_wall_s"] or sum(t.get("wall_s", 0.0) for _, t in _wall_times(out))
+
+    first = next(iter(seed_dirs(out).values()))
+    figures = [(name, title, open(p, "rb").read()) for name, title in FIGURES
+               if os.path.exists(p := os.path.join(first, "analyze", name))]
+    curves = training_curves(out)
+    if curves:
+        with atomic_path(os.path.join(out, "training_curves.png")) as tmp, open(tmp, "wb") as f:
+            f.write(curves)
+
+    write_json(os.path.join(out, "results.json"), results)
+    md = [f"# raysslvit study: preset `{results['config']['preset']}`", "",
+          f"Test split, {spread}. Machine: {machine}. Study wall time: {total:.0f} s. Commit {prov.get('git_commit')}.", "",
+          "## Results", "", _md_table(["figure", "ours (test)", "the study"], main_rows), ""]
+    if skipped:
+        md += ["Skipped here:", "", _md_table(["stage", "why"], skipped), ""]
+    md += ["## Analysis", "", _md_table(["measure", "value"], analyze_rows), ""]
+    md += [f"![{title}]({os.path.relpath(os.path.join(first, 'analyze', name), out)})" for name, title, _ in figures]
+    md += ["", "## Training curves", "", "![training curves](training_curves.png)" if curves else "(none)", "",
+           "## Wall time per stage (seconds, all seeds)", "", _md_table(time_header, time_rows), "",
+           "## Environment", "", f"Versions: {versions}.", "", "## Config", "", "```json",
+           json.dumps(results["config"], indent=1), "```", ""]
+    with atomic_path(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(md))
+
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}"
+             "th{background:#f3f3f3}img{max-width:100%;display:block;margin:.5em 0}pre{background:#f7f7f7;padding:1em;"
+             "overflow:auto;font-size:12px}figure{margin:1em 0}figcaption{color:#555}")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>raysslvit study</title><style>{style}</style></head><body>",
+             f"<h1>raysslvit study: preset <code>{html.escape(results['config']['preset'])}</code></h1>",
+             f"<p>Test split, {html.escape(spread)}. Machine: {html.escape(machine)}. Study wall time: {total:.0f} s. "
+             f"Commit <code>{html.escape(str(prov.get('git_commit')))}</code>.</p>",
+             "<h2>Results</h2>", _html_table(["figure", "ours (test)", "the study"], main_rows)]
+    if skipped:
+        parts += ["<p>Skipped here:</p>", _html_table(["stage", "why"], skipped)]
+    parts += ["<h2>Analysis</h2>", _html_table(["measure", "value"], analyze_rows)]
+    parts += [f"<figure>{_img(data, title)}<figcaption>{html.escape(title)}</figcaption></figure>" for _, title, data in figures]
+    parts += ["<h2>Training curves</h2>", _img(curves, "training curves") if curves else "<p>(none)</p>",
+              "<h2>Wall time per stage (seconds, all seeds)</h2>", _html_table(time_header, time_rows),
+              "<h2>Environment</h2>", f"<p>Versions: {html.escape(versions)}.</p>",
+              "<h2>Config</h2>", f"<pre>{html.escape(json.dumps(results['config'], indent=1))}</pre></body></html>"]
+    with atomic_path(os.path.join(out, "report.html")) as tmp, open(tmp, "w") as f:
+        f.write("".join(parts))
+    return results
