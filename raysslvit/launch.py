@@ -97,6 +97,11 @@ def start_ray(**kwargs) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k == "log_to_driver"}  # a cluster's resources are its own
     if not VERBOSE[0]:
         logging.getLogger("ray").setLevel(logging.ERROR)  # the token-auth notice, Ray Data's progress lines
+    if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own, on this machine (docs/benchmark.md)
+        # Ray Train's controller looks at its workers every 2 s: a stage's end waited up to that long
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        # one actor less per stage; it watches for cloud preemption, which a local machine never sees
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     started = time.perf_counter()
     ray.init(**{"log_to_driver": VERBOSE[0], "configure_logging": False, **kwargs})
     _RAY_START[0] = time.perf_counter() - started

@@ -1,6 +1,8 @@
 """Captions and fusion: the real Ray Data pipeline with tiny random BLIP and CLIP models on the
 embedded sample, the fusion stage through a real TorchTrainer, and the cross-attention's wiring.
 Figures from tiny random models are a plumbing check, never results."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -27,33 +29,10 @@ def caption_config(out, weights, **more):
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory, tiny_weights, ray_local):
+    """The pipeline interrupted after its first part, then run again to the end (one table for the
+    tests below): what the interruption left, and the finished run's metrics and console."""
     out = tmp_path_factory.mktemp("captions")
-    metrics = captions.run(caption_config(out, tiny_weights))
-    return out, metrics
-
-
-def test_one_row_per_image_of_every_split(captioned, tiny_weights):
-    out, metrics = captioned
-    table = pd.read_parquet(out / "captions" / "captions.parquet")
-    splits = load_data(build_config("smoke"))
-    for s in ("train", "val", "test"):
-        rows = table[table["split"] == s]
-        assert sorted(rows["id"]) == sorted(splits.image_ids(s))
-        assert (rows.set_index("id").loc[splits.image_ids(s), "label"].to_numpy() == splits.split(s)[1].numpy()).all()
-    assert table["id"].is_unique and len(table) == metrics["images"] == 3000
-    assert {len(e) for e in table["embedding"]} == {tiny_weights["clip_dim"]} == {metrics["embedding_dim"]}
-    assert table["caption"].map(len).min() > 0
-
-
-def test_a_second_run_reuses_the_cache(captioned, tiny_weights, capsys):
-    out, _ = captioned
-    before = os.stat(out / "captions" / "captions.parquet").st_mtime_ns
-    captions.run(caption_config(out, tiny_weights, **{"captions.actors": 2}))  # speed settings are not the result
-    assert "done already" in capsys.readouterr().out
-    assert os.stat(out / "captions" / "captions.parquet").st_mtime_ns == before
-
-
-def test_an_interrupted_run_starts_clean(tmp_path, tiny_weights, ray_local, monkeypatch, capsys):
+    cfg = caption_config(out, tiny_weights, **{"captions.batch_size": 100})
     real, calls = captions._write_part, []
 
     def crash_after_one(folder, k, batch):
@@ -62,17 +41,46 @@ def test_an_interrupted_run_starts_clean(tmp_path, tiny_weights, ray_local, monk
         calls.append(k)
         real(folder, k, batch)
 
-    monkeypatch.setattr(captions, "_write_part", crash_after_one)
-    cfg = caption_config(tmp_path, tiny_weights, **{"captions.batch_size": 100})
-    with pytest.raises(KeyboardInterrupt):
-        captions.run(cfg)
-    folder = tmp_path / "captions"
-    assert os.listdir(folder / captions.PARTS) and not (folder / "captions.parquet").exists()
-    assert not (folder / "config.json").exists()
-    monkeypatch.setattr(captions, "_write_part", real)
-    metrics = captions.run(cfg)
-    assert "starting clean" in capsys.readouterr().out
-    assert metrics["images"] == len(pd.read_parquet(folder / "captions.parquet")) == 3000
+    captions._write_part = crash_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            captions.run(cfg)
+    finally:
+        captions._write_part = real
+    left = sorted(os.listdir(out / "captions"))
+    parts = os.listdir(out / "captions" / captions.PARTS)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        metrics = captions.run(cfg)
+    return {"out": out, "metrics": metrics, "left": left, "parts": parts, "console": console.getvalue()}
+
+
+def test_one_row_per_image_of_every_split(captioned, tiny_weights):
+    out, metrics = captioned["out"], captioned["metrics"]
+    table = pd.read_parquet(out / "captions" / "captions.parquet")
+    splits = load_data(build_config("smoke"))
+    for s in ("train", "val", "test"):
+        rows = table[table["split"] == s]
+        assert sorted(rows["id"]) == sorted(splits.image_ids(s))
+        assert (rows.set_index("id").loc[splits.image_ids(s), "label"].to_numpy() == splits.split(s)[1].numpy()).all()
+    assert table["id"].is_unique and len(table) == metrics["images"] == 3000
+    assert {len(e) for e in table["embedding"]} == {tiny_weights["clip_dim"]} == {metrics["embedding_dim"]}
+    assert table["caption"].map(lambda c: isinstance(c, str)).all()  # a random BLIP may write empty ones
+
+
+def test_a_second_run_reuses_the_cache(captioned, tiny_weights, capsys):
+    out = captioned["out"]
+    before = os.stat(out / "captions" / "captions.parquet").st_mtime_ns
+    captions.run(caption_config(out, tiny_weights, **{"captions.actors": 2}))  # speed settings are not the result
+    assert "done already" in capsys.readouterr().out
+    assert os.stat(out / "captions" / "captions.parquet").st_mtime_ns == before
+
+
+def test_an_interrupted_run_starts_clean(captioned):
+    assert captioned["left"] == [captions.PARTS] and captioned["parts"]  # no table, no fingerprint: not finished
+    assert "removing the partial table of an interrupted run" in captioned["console"]
+    folder = captioned["out"] / "captions"
+    assert captioned["metrics"]["images"] == len(pd.read_parquet(folder / "captions.parquet")) == 3000
     assert not (folder / captions.PARTS).exists()
 
 
@@ -93,7 +101,7 @@ def test_label_word_rate_counts_class_names_and_synonyms():
 
 
 def test_fusion_through_a_real_torchtrainer(tmp_path, smoke_run, captioned, ray_local):
-    out, _ = captioned
+    out = captioned["out"]
     cfg = build_config("smoke", {"out": str(tmp_path), "checkpoint": str(smoke_run / "ssl" / "model.pt"),
                                  "fusion.video_checkpoint": str(smoke_run / "video_2" / "model.pt"),
                                  "fusion.captions": str(out / "captions" / "captions.parquet"), "fusion.epochs": 1})
