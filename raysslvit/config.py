@@ -268,10 +268,11 @@ PRESETS = {
         "fusion.epochs": 3, "fusion.batch_size": 128,
     },
     # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs; the conv stem led fine-tuning on val.
+    # Every patch in set A, 2 of 16 blacked out: the masking studies' best CLS probe on val (RESULTS.md).
     "cpu": {
         "data.data": "cifar10",
         "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4, "model.stem": "conv",
-        "ssl.epochs": 20, "finetune.epochs": 50,
+        "ssl.epochs": 20, "ssl.subset_ratio": 1.0, "ssl.mask_ratio": 0.125, "finetune.epochs": 50,
     },
     # Full CIFAR-10, a GPU-sized model, the study's epochs.
     "seed": {

@@ -145,11 +145,15 @@ def load_image_folder(root: str, cache_dir: str) -> tuple:
     key = hashlib.sha1(f"{os.path.realpath(root)}|{image_folder_digest(root, files)}".encode())
     cache = os.path.join(cache_dir, f"imagefolder-{key.hexdigest()[:16]}.npz")
     if os.path.exists(cache):
-        with np.load(cache) as z:
-            return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])
+        return _load_arrays(cache)
     arrays = _assemble(files, root, _read_file)
     _save_arrays(cache, arrays)
     return arrays
+
+
+def _load_arrays(cache: str) -> tuple:
+    with np.load(cache) as z:
+        return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])
 
 
 def _save_arrays(cache: str, arrays: tuple) -> None:
@@ -166,8 +170,7 @@ def load_sample(cache_dir: str = "") -> tuple:
     if cache_dir:
         cache = os.path.join(cache_dir, f"sample-{source_digest('sample').removeprefix('sample:')[:16]}.npz")
         if os.path.exists(cache):
-            with np.load(cache) as z:
-                return z["train_x"], z["train_y"], z["test_x"], z["test_y"], list(z["classes"])
+            return _load_arrays(cache)
     with zipfile.ZipFile(SAMPLE_ZIP) as z:
         files: dict[str, dict[str, list]] = {}
         for name in sorted(z.namelist()):

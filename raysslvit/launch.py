@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from raysslvit.artifacts import read_json, write_json
 from raysslvit import data
+from raysslvit.artifacts import read_json, write_json
 from raysslvit.config import Config
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError

@@ -15,7 +15,7 @@ from raysslvit.stages import finetune, ssl, video
 
 def same_run(a: dict, b: dict) -> bool:
     """Equal final metrics and per-epoch history, but for wall times."""
-    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s") and k != "history"}
+    untimed = lambda m: {k: v for k, v in m.items() if not k.endswith("time_s") and k not in ("history", "timing")}
     return untimed(a) == untimed(b) and [untimed(h) for h in a["history"]] == [untimed(h) for h in b["history"]]
 
 
