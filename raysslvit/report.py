@@ -99,7 +99,7 @@ def collect(out: str) -> dict:
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
     study = [read_json(p) for d in dirs.values() if os.path.exists(p := os.path.join(d, "study.json"))]
     results["skipped"] = study[0]["skipped"] if study else {}
-    results["study_wall_s"] = sum(s["wall_s"] for s in study)
+    results["last_run_wall_s"] = sum(s["wall_s"] for s in study)  # the last `run` call, finished stages skipped
     return results
 
 
@@ -198,7 +198,8 @@ def build(out: str) -> dict:
     hardware = prov.get("hardware") or {}
     machine = f"{hardware.get('cpu', '?')} ({hardware.get('cpus', '?')} CPUs)" + (f", {hardware['gpu']}" if hardware.get("gpu") else "")
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
-    total = results["study_wall_s"] or sum(t.get("wall_s", 0.0) for _, t in _wall_times(out))
+    total = sum(t.get("wall_s", 0.0) for _, t in _wall_times(out))
+    timing = f"Stages' wall time: {total:.0f} s (the last run call: {results['last_run_wall_s']:.0f} s)."
 
     first = next(iter(seed_dirs(out).values()))
     figures = [(name, title, open(p, "rb").read()) for name, title in FIGURES
@@ -210,7 +211,7 @@ def build(out: str) -> dict:
 
     write_json(os.path.join(out, "results.json"), results)
     md = [f"# raysslvit study: preset `{results['config']['preset']}`", "",
-          f"Test split, {spread}. Machine: {machine}. Study wall time: {total:.0f} s. Commit {prov.get('git_commit')}.", "",
+          f"Test split, {spread}. Machine: {machine}. {timing} Commit {prov.get('git_commit')}.", "",
           "## Results", "", _md_table(["figure", "ours (test)", "the study"], main_rows), ""]
     if skipped:
         md += ["Skipped here:", "", _md_table(["stage", "why"], skipped), ""]
@@ -229,7 +230,7 @@ def build(out: str) -> dict:
              "overflow:auto;font-size:12px}figure{margin:1em 0}figcaption{color:#555}")
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>raysslvit study</title><style>{style}</style></head><body>",
              f"<h1>raysslvit study: preset <code>{html.escape(results['config']['preset'])}</code></h1>",
-             f"<p>Test split, {html.escape(spread)}. Machine: {html.escape(machine)}. Study wall time: {total:.0f} s. "
+             f"<p>Test split, {html.escape(spread)}. Machine: {html.escape(machine)}. {html.escape(timing)} "
              f"Commit <code>{html.escape(str(prov.get('git_commit')))}</code>.</p>",
              "<h2>Results</h2>", _html_table(["figure", "ours (test)", "the study"], main_rows)]
     if skipped:
