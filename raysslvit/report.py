@@ -99,7 +99,8 @@ def collect(out: str) -> dict:
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
     study = [read_json(p) for d in dirs.values() if os.path.exists(p := os.path.join(d, "study.json"))]
     results["skipped"] = study[0]["skipped"] if study else {}
-    results["last_run_wall_s"] = sum(s["wall_s"] for s in study)  # the last `run` call, finished stages skipped
+    # the last finished `run` call (stages it found done take seconds); None before one finished
+    results["last_run_wall_s"] = sum(s["wall_s"] for s in study) if study else None
     return results
 
 
@@ -199,7 +200,8 @@ def build(out: str) -> dict:
     machine = f"{hardware.get('cpu', '?')} ({hardware.get('cpus', '?')} CPUs)" + (f", {hardware['gpu']}" if hardware.get("gpu") else "")
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
     total = sum(t.get("wall_s", 0.0) for _, t in _wall_times(out))
-    timing = f"Stages' wall time: {total:.0f} s (the last run call: {results['last_run_wall_s']:.0f} s)."
+    last = results["last_run_wall_s"]
+    timing = f"Stages' wall time: {total:.0f} s" + (f" (the last run call: {last:.0f} s)." if last is not None else ".")
 
     first = next(iter(seed_dirs(out).values()))
     figures = [(name, title, open(p, "rb").read()) for name, title in FIGURES
