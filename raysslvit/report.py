@@ -61,35 +61,36 @@ def seed_dirs(out: str) -> dict[int, str]:
     return {read_json(config)["seed"] if os.path.exists(config) else 0: out}
 
 
-def _metrics(folder: str) -> dict | None:
-    path = os.path.join(folder, "metrics.json")
-    return read_json(path) if os.path.exists(path) else None
+def load_runs(out: str) -> dict[str, dict[int, dict]]:
+    """{results key: {seed: the stage's metrics.json}}, each file read once."""
+    runs: dict[str, dict[int, dict]] = {}
+    for key, stage in STAGES.items():
+        for seed, d in seed_dirs(out).items():
+            if os.path.exists(path := os.path.join(d, stage, "metrics.json")):
+                runs.setdefault(key, {})[seed] = read_json(path)
+    return runs
 
 
 def _numbers(m: dict) -> dict:
     return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def collect(out: str) -> dict:
+def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
     """results.json: every stage's metrics (mean over seeds, `<key>_std` beside each when several),
     without per-epoch history, plus seeds, wall times, config and provenance."""
     if not os.path.isdir(out):
         raise UserError(f"run folder not found: {out}")
     dirs = seed_dirs(out)
     results: dict = {"seeds": list(dirs)}
-    for key, stage in STAGES.items():
-        runs = [m for d in dirs.values() if (m := _metrics(os.path.join(d, stage))) is not None]
-        if not runs:
-            continue
-        if len(runs) == 1:
-            results[key] = {k: v for k, v in runs[0].items() if k != "history"}
+    for key, by_seed in runs.items():
+        if len(by_seed) == 1:
+            results[key] = {k: v for k, v in next(iter(by_seed.values())).items() if k != "history"}
             continue
         merged = {}
-        for k in sorted(set.intersection(*(set(_numbers(r)) for r in runs))):
-            values = [float(r[k]) for r in runs]
+        for k in sorted(set.intersection(*(set(_numbers(r)) for r in by_seed.values()))):
+            values = [float(r[k]) for r in by_seed.values()]
             merged[k], merged[f"{k}_std"] = statistics.mean(values), statistics.stdev(values)
-        merged["per_seed"] = {str(s): {k: v for k, v in m.items() if k != "history"}
-                              for s, m in zip(dirs, runs)}
+        merged["per_seed"] = {str(seed): {k: v for k, v in m.items() if k != "history"} for seed, m in by_seed.items()}
         results[key] = merged
     first = next(iter(dirs.values()))
     saved = next((read_json(c) for c in sorted(glob.glob(os.path.join(first, "*", "config.json")))), None)
@@ -111,23 +112,21 @@ def _fmt(m: dict | None, key: str) -> str:
     return f"{m[key]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
-def _wall_times(out: str) -> list[tuple[str, dict]]:
+def _wall_times(runs: dict[str, dict[int, dict]]) -> list[tuple[str, dict]]:
     """(stage, timing summed over seeds) for every stage that recorded one."""
     rows = []
-    for key, stage in STAGES.items():
-        timings = [m["timing"] for d in seed_dirs(out).values()
-                   if (m := _metrics(os.path.join(d, stage))) and isinstance(m.get("timing"), dict)]
+    for key, by_seed in runs.items():
+        timings = [m["timing"] for m in by_seed.values() if isinstance(m.get("timing"), dict)]
         if timings:
             rows.append((key, {k: sum(t.get(k) or 0.0 for t in timings) for k in timings[0]}))
     return rows
 
 
-def training_curves(out: str) -> bytes | None:
+def training_curves(runs: dict[str, dict[int, dict]]) -> bytes | None:
     """One figure: for every trained stage, its val metric (top) and train loss (bottom) per epoch,
     one line per seed."""
-    stages = [(key, STAGES[key]) for key in MONITORS]
-    histories = {key: {s: m["history"] for s, d in seed_dirs(out).items()
-                       if (m := _metrics(os.path.join(d, stage))) and m.get("history")} for key, stage in stages}
+    histories = {key: {seed: m["history"] for seed, m in runs.get(key, {}).items() if m.get("history")}
+                 for key in MONITORS}
     histories = {k: v for k, v in histories.items() if v}
     if not histories:
         return None
@@ -142,7 +141,7 @@ def training_curves(out: str) -> bytes | None:
         axes[0, c].set_ylabel(MONITORS[key])
         axes[1, c].set_ylabel("train_loss")
         axes[1, c].set_xlabel("epoch")
-    if len(seed_dirs(out)) > 1:
+    if max(len(v) for v in histories.values()) > 1:
         axes[0, 0].legend(fontsize=7)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
@@ -185,7 +184,8 @@ def summary(results: dict) -> str:
 
 def build(out: str) -> dict:
     """Write results.json, report.md and report.html under `out`; returns the results."""
-    results = collect(out)
+    runs = load_runs(out)
+    results = collect(out, runs)
     n = len(results["seeds"])
     spread = f"mean ± std over {n} seeds ({', '.join(map(str, results['seeds']))})" if n > 1 else f"seed {results['seeds'][0]}"
     main_rows = [[what, _fmt(results.get(key), metric), f"{study:.4f}" if study else ""]
@@ -193,20 +193,20 @@ def build(out: str) -> dict:
     skipped = _skipped_rows(results)
     analyze_rows = [[what, _fmt(results.get("analyze"), key)] for key, what in ANALYZE]
     time_rows = [[key] + [f"{t.get(k, 0.0):.1f}" for k in ("wall_s", "ray_start_s", "startup_s", "data_s", "compute_s",
-                                                             "finish_s")] for key, t in _wall_times(out)]
+                                                             "finish_s")] for key, t in _wall_times(runs)]
     time_header = ["stage", "wall (s)", "Ray start", "workers start", "data load", "compute", "finish"]
     prov = results["provenance"]
     hardware = prov.get("hardware") or {}
     machine = f"{hardware.get('cpu', '?')} ({hardware.get('cpus', '?')} CPUs)" + (f", {hardware['gpu']}" if hardware.get("gpu") else "")
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
-    total = sum(t.get("wall_s", 0.0) for _, t in _wall_times(out))
+    total = sum(t.get("wall_s", 0.0) for _, t in _wall_times(runs))
     last = results["last_run_wall_s"]
     timing = f"Stages' wall time: {total:.0f} s" + (f" (the last run call: {last:.0f} s)." if last is not None else ".")
 
     first = next(iter(seed_dirs(out).values()))
     figures = [(name, title, open(p, "rb").read()) for name, title in FIGURES
                if os.path.exists(p := os.path.join(first, "analyze", name))]
-    curves = training_curves(out)
+    curves = training_curves(runs)
     if curves:
         with atomic_path(os.path.join(out, "training_curves.png")) as tmp, open(tmp, "wb") as f:
             f.write(curves)

@@ -14,11 +14,10 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from raysslvit.captions import label_word_rate
 from raysslvit.config import Config, ProbeConfig
-from raysslvit.data import ClipSampler, Splits, normalize
+from raysslvit.data import ClipSampler, Splits
 from raysslvit.engine import WorkerContext, fit, predict
 from raysslvit.errors import UserError
 from raysslvit.fusion import FusionTransformer
@@ -85,8 +84,8 @@ def _static(model: FusionTransformer, frames: torch.Tensor, text: torch.Tensor, 
 
 
 class FusionTask(ClipTask):
-    """The video stage's clip (+ per-frame) loss, every frame with its own caption; val accuracy of
-    static clips with each image's own caption picks the epoch."""
+    """The video stage's clip (+ per-frame) loss (`ClipTask.loss`), every frame with its own caption
+    (`batch_inputs`); val accuracy of static clips with each image's own caption picks the epoch."""
 
     def __init__(self, cfg, model, name, text: dict, extras: dict):
         super().__init__(cfg, model, name)
@@ -94,16 +93,6 @@ class FusionTask(ClipTask):
 
     def batch_inputs(self, idx):
         return (self.text["train"][idx],)
-
-    def loss(self, model, x, y, text):
-        ce = lambda logits, t: F.cross_entropy(logits.float(), t, label_smoothing=self.cfg.label_smoothing)
-        if self.cfg.frame_loss == 0:
-            logits = model(normalize(x), text)
-            loss = ce(logits, y[:, 0])
-        else:
-            logits, frames = model(normalize(x), text, self.cfg.frame_clip_len)
-            loss = ce(logits, y[:, 0]) + self.cfg.frame_loss * ce(frames.flatten(0, 1), y.flatten())
-        return loss, {"acc": (logits.argmax(1) == y[:, 0]).float().mean().detach()}
 
     def _accuracy(self, model, x, y, text) -> float:
         frames = frame_features(model, x)

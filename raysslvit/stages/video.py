@@ -43,13 +43,14 @@ class ClipTask:
     def __init__(self, cfg: VideoConfig, model: VideoTransformer, name: str):
         self.cfg, self.model, self.name = cfg, model, name
 
-    def loss(self, model, x, y):  # x: (B, T, 3, H, W) uint8, y: (B, T), one class per clip
+    def loss(self, model, x, y, *extra):  # x: (B, T, 3, H, W) uint8, y: (B, T), one class per clip
+        """`extra`: more inputs per clip after the frames (fusion: the frames' caption embeddings)."""
         ce = lambda logits, t: F.cross_entropy(logits.float(), t, label_smoothing=self.cfg.label_smoothing)
         if self.cfg.frame_loss == 0:
-            logits = model(normalize(x))
+            logits = model(normalize(x), *extra)
             loss = ce(logits, y[:, 0])
         else:
-            logits, frames = model(normalize(x), self.cfg.frame_clip_len)  # frames: (B, T, classes)
+            logits, frames = model(normalize(x), *extra, self.cfg.frame_clip_len)  # frames: (B, T, classes)
             loss = ce(logits, y[:, 0]) + self.cfg.frame_loss * ce(frames.flatten(0, 1), y.flatten())
         return loss, {"acc": (logits.argmax(1) == y[:, 0]).float().mean().detach()}
 
