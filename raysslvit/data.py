@@ -114,7 +114,8 @@ def _read_file(path: str) -> bytes:
 
 
 def image_folder_digest(root: str, files: dict | None = None) -> str:
-    """What an ImageFolder tree holds, cheaply: every image's path under `root`, size and mtime."""
+    """What an ImageFolder tree holds: every image's path under `root` and the hash of its bytes
+    (not mtimes: a copied or re-extracted tree is the same data; 60k CIFAR files hash in about 0.5 s)."""
     if not os.path.isdir(root):
         raise UserError(f"data folder not found: {root}")
     files = files if files is not None else _list_image_folder(root)
@@ -122,8 +123,7 @@ def image_folder_digest(root: str, files: dict | None = None) -> str:
     for split, by_class in sorted(files.items()):
         for cls, paths in sorted(by_class.items()):
             for p in paths:
-                st = os.stat(p)
-                digest.update(f"{os.path.relpath(p, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                digest.update(f"{os.path.relpath(p, root)}|{hashlib.sha1(_read_file(p)).hexdigest()}\n".encode())
     return digest.hexdigest()
 
 

@@ -41,6 +41,11 @@ def test_fingerprint_holds_the_content_of_inputs_and_data(tmp_path):
     (tree / "x.png").write_bytes(b"1")
     d = build_config("smoke", {"data.data_dir": str(tmp_path / "tree")})
     before = stage_fingerprint(d, "ssl")
+    os.utime(tree / "x.png", (1, 1))  # a re-extracted copy of the same files is the same data
+    assert fingerprint_changes(before, stage_fingerprint(d, "ssl")) == []
+    (tree / "x.png").write_bytes(b"3")  # same size, other bytes
+    assert fingerprint_changes(before, stage_fingerprint(d, "ssl")) == ["data.source"]
+    (tree / "x.png").write_bytes(b"1")
     (tree / "y.png").write_bytes(b"2")
     assert fingerprint_changes(before, stage_fingerprint(d, "ssl")) == ["data.source"]
 
