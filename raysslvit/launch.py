@@ -188,7 +188,8 @@ def _ray_worker(loop_config: dict) -> None:
                 os._exit(1)
 
     try:
-        resume = None
+        # a worker restarted within this run gets the run's latest checkpoint; a new run, the folder's
+        resume = load_state(loop_config["resume"])
         if (ckpt := ray.train.get_checkpoint()) is not None:
             with ckpt.as_directory() as d:
                 resume = load_state(d)
@@ -226,12 +227,11 @@ def run_ray(worker: WorkerFn, cfg: Config, folder: RunFolder, meta: dict, resume
         _ray_worker,
         train_loop_config={"cfg": cfg, "worker": worker, "meta": meta, "threads": threads, "storage": storage,
                            "user_error": user_error, "fail_at_epoch": int(os.environ.get(FAIL_AT_EPOCH) or 0),
-                           "progress": channel.q if channel else None},
+                           "progress": channel.q if channel else None, "resume": resume},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or []),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume) if resume else None,
     )
     with channel or contextlib.nullcontext():
         result = trainer.fit()

@@ -19,7 +19,7 @@ def same_run(a: dict, b: dict) -> bool:
     return untimed(a) == untimed(b) and [untimed(h) for h in a["history"]] == [untimed(h) for h in b["history"]]
 
 
-def test_a_dead_worker_restarts_from_its_checkpoint(tmp_path, ray_local, monkeypatch):
+def test_a_dead_worker_restarts_and_a_new_run_resumes_from_its_checkpoint(tmp_path, ray_local, monkeypatch, capsys):
     cfg = build_config("smoke", {"out": str(tmp_path / "harmed"), "ssl.epochs": 3, "max_failures": 1})
     monkeypatch.setenv(FAIL_AT_EPOCH, "2")
     harmed = ssl.run(cfg)
@@ -27,6 +27,15 @@ def test_a_dead_worker_restarts_from_its_checkpoint(tmp_path, ray_local, monkeyp
     assert os.path.exists(tmp_path / "harmed" / "ssl" / "checkpoints" / "failed-at-2")  # it did die
     unharmed = ssl.run(replace(cfg, out=str(tmp_path / "unharmed")))
     assert same_run(harmed, unharmed)
+    # a run that ended after epoch 2 (no retries left) is resumed by the next call from its folder
+    stopped = replace(cfg, out=str(tmp_path / "stopped"), max_failures=0)
+    monkeypatch.setenv(FAIL_AT_EPOCH, "2")
+    with pytest.raises(Exception):
+        ssl.run(stopped)
+    monkeypatch.delenv(FAIL_AT_EPOCH)
+    capsys.readouterr()
+    assert same_run(ssl.run(stopped), unharmed)
+    assert "ssl: starting (Ray Train, 1 worker(s), resuming)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("launcher", ["local", "ray"])
