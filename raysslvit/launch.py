@@ -267,7 +267,10 @@ def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool 
     started, started_unix = time.perf_counter(), time.time()
     metrics, checkpoint = BACKENDS[cfg.launcher](worker, cfg, folder, meta, resume, on_epoch=on_epoch,
                                                  callbacks=callbacks)
-    metrics = {**metrics, "timing": _timing(metrics.get("timing"), time.perf_counter() - started, started_unix)}
+    timing = _timing(metrics.get("timing"), time.perf_counter() - started, started_unix)
+    if resume:  # this call's wall time covers only the epochs after it; the history has them all
+        timing["resumed_after_epoch"] = read_json(os.path.join(resume, "meta.json"))["epoch"]
+    metrics = {**metrics, "timing": timing}
     state = load_state(checkpoint)
     model = None
     if state is not None:  # the model config travels with the weights (fine-tuning keeps M's shape)

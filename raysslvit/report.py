@@ -112,13 +112,27 @@ def _fmt(m: dict | None, key: str) -> str:
     return f"{m[key]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
+TIME_COLUMNS = [("wall_s", "wall (s)"), ("ray_start_s", "Ray start"), ("startup_s", "workers start"),
+                ("data_s", "data load"), ("compute_s", "compute"), ("finish_s", "finish"),
+                ("epochs_s", "all epochs")]
+
+
+TIME_NOTE = ("Wall time and its parts are the last call's; 'all epochs' sums the epoch times of the "
+             "whole history, also those before the checkpoint that a resumed stage continued from.")
+
+
 def _wall_times(runs: dict[str, dict[int, dict]]) -> list[tuple[str, dict]]:
-    """(stage, timing summed over seeds) for every stage that recorded one."""
+    """(stage, timing summed over seeds) for every stage that recorded one; `epochs_s` sums every
+    epoch of the history, also those of an earlier call that a resumed stage continued."""
     rows = []
     for key, by_seed in runs.items():
         timings = [m["timing"] for m in by_seed.values() if isinstance(m.get("timing"), dict)]
         if timings:
-            rows.append((key, {k: sum(t.get(k) or 0.0 for t in timings) for k in timings[0]}))
+            row = {k: sum(t.get(k) or 0.0 for t in timings) for k, _ in TIME_COLUMNS if k != "epochs_s"}
+            epochs = [h["epoch_time_s"] for m in by_seed.values() for h in m.get("history") or [] if "epoch_time_s" in h]
+            row["epochs_s"] = sum(epochs) if epochs else None
+            resumed = any(t.get("resumed_after_epoch") for t in timings)
+            rows.append((f"{key} (resumed)" if resumed else key, row))
     return rows
 
 
@@ -192,9 +206,8 @@ def build(out: str) -> dict:
                  for key, metric, what, study in TABLE if key not in results.get("skipped", {})]
     skipped = _skipped_rows(results)
     analyze_rows = [[what, _fmt(results.get("analyze"), key)] for key, what in ANALYZE]
-    time_rows = [[key] + [f"{t.get(k, 0.0):.1f}" for k in ("wall_s", "ray_start_s", "startup_s", "data_s", "compute_s",
-                                                             "finish_s")] for key, t in _wall_times(runs)]
-    time_header = ["stage", "wall (s)", "Ray start", "workers start", "data load", "compute", "finish"]
+    time_rows = [[key] + [f"{t[k]:.1f}" if t[k] is not None else "—" for k, _ in TIME_COLUMNS] for key, t in _wall_times(runs)]
+    time_header = ["stage"] + [name for _, name in TIME_COLUMNS]
     prov = results["provenance"]
     hardware = prov.get("hardware") or {}
     machine = f"{hardware.get('cpu', '?')} ({hardware.get('cpus', '?')} CPUs)" + (f", {hardware['gpu']}" if hardware.get("gpu") else "")
@@ -220,7 +233,7 @@ def build(out: str) -> dict:
     md += ["## Analysis", "", _md_table(["measure", "value"], analyze_rows), ""]
     md += [f"![{title}]({os.path.relpath(os.path.join(first, 'analyze', name), out)})" for name, title, _ in figures]
     md += ["", "## Training curves", "", "![training curves](training_curves.png)" if curves else "(none)", "",
-           "## Wall time per stage (seconds, all seeds)", "", _md_table(time_header, time_rows), "",
+           "## Wall time per stage (seconds, all seeds)", "", _md_table(time_header, time_rows), "", TIME_NOTE, "",
            "## Environment", "", f"Versions: {versions}.", "", "## Config", "", "```json",
            json.dumps(results["config"], indent=1), "```", ""]
     with atomic_path(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
@@ -241,6 +254,7 @@ def build(out: str) -> dict:
     parts += [f"<figure>{_img(data, title)}<figcaption>{html.escape(title)}</figcaption></figure>" for _, title, data in figures]
     parts += ["<h2>Training curves</h2>", _img(curves, "training curves") if curves else "<p>(none)</p>",
               "<h2>Wall time per stage (seconds, all seeds)</h2>", _html_table(time_header, time_rows),
+              f"<p>{html.escape(TIME_NOTE)}</p>",
               "<h2>Environment</h2>", f"<p>Versions: {html.escape(versions)}.</p>",
               "<h2>Config</h2>", f"<pre>{html.escape(json.dumps(results['config'], indent=1))}</pre></body></html>"]
     with atomic_path(os.path.join(out, "report.html")) as tmp, open(tmp, "w") as f:

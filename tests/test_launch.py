@@ -34,7 +34,8 @@ def test_a_dead_worker_restarts_and_a_new_run_resumes_from_its_checkpoint(tmp_pa
         ssl.run(stopped)
     monkeypatch.delenv(FAIL_AT_EPOCH)
     capsys.readouterr()
-    assert same_run(ssl.run(stopped), unharmed)
+    resumed = ssl.run(stopped)
+    assert same_run(resumed, unharmed) and resumed["timing"]["resumed_after_epoch"] == 2
     assert "ssl: starting (Ray Train, 1 worker(s), resuming)" in capsys.readouterr().out
 
 
