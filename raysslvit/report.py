@@ -48,7 +48,7 @@ ANALYZE = [("focus_entropy_before", "focus entropy of the CLS-to-patch map, M (l
 FIGURES = [("maps.png", "Similarity maps: the CLS output against each patch, M and fine-tuned"),
            ("tokens.png", "Token-by-token cosine similarity"), ("cka.png", "CKA of the CLS at every depth")]
 # the val metric each trained stage picks its epoch by
-MONITORS = {"ssl": "val_rotation_acc", "finetune": "val_acc", "video_1": "val_acc", "video_2": "val_acc",
+MONITORS = {"ssl": "val_rotation_acc", "infonce": "val_pair_acc", "finetune": "val_acc", "video_1": "val_acc", "video_2": "val_acc",
             "video_mean": "val_acc", "fusion": "val_acc"}
 
 
@@ -98,6 +98,11 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
         raise UserError(f"no finished stage in {out}: run `python -m raysslvit run --out {out}` first")
     results["config"] = saved["config"]
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
+    # a study built over several sittings holds stages made at different commits: say which
+    commits: dict[str, list[str]] = {}
+    for c in sorted(glob.glob(os.path.join(first, "*", "config.json"))):
+        commits.setdefault(str(read_json(c).get("git_commit")), []).append(os.path.basename(os.path.dirname(c)))
+    results["provenance"]["git_commits"] = commits
     study = [read_json(p) for d in dirs.values() if os.path.exists(p := os.path.join(d, "study.json"))]
     results["skipped"] = study[0]["skipped"] if study else {}
     # the last finished `run` call (stages it found done take seconds); None before one finished
@@ -215,6 +220,9 @@ def build(out: str) -> dict:
     total = sum(t.get("wall_s", 0.0) for _, t in _wall_times(runs))
     last = results["last_run_wall_s"]
     timing = f"Stages' wall time: {total:.0f} s" + (f" (the last run call: {last:.0f} s)." if last is not None else ".")
+    commits = prov.get("git_commits") or {str(prov.get("git_commit")): []}
+    made_at = ("Commit " + next(iter(commits)) if len(commits) == 1 else
+               "Commits " + "; ".join(f"{c[:7]} ({', '.join(stages)})" for c, stages in commits.items()))
 
     first = next(iter(seed_dirs(out).values()))
     figures = [(name, title, open(p, "rb").read()) for name, title in FIGURES
@@ -226,7 +234,7 @@ def build(out: str) -> dict:
 
     write_json(os.path.join(out, "results.json"), results)
     md = [f"# raysslvit study: preset `{results['config']['preset']}`", "",
-          f"Test split, {spread}. Machine: {machine}. {timing} Commit {prov.get('git_commit')}.", "",
+          f"Test split, {spread}. Machine: {machine}. {timing} {made_at}.", "",
           "## Results", "", _md_table(["figure", "ours (test)", "the study"], main_rows), ""]
     if skipped:
         md += ["Skipped here:", "", _md_table(["stage", "why"], skipped), ""]
@@ -246,7 +254,7 @@ def build(out: str) -> dict:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>raysslvit study</title><style>{style}</style></head><body>",
              f"<h1>raysslvit study: preset <code>{html.escape(results['config']['preset'])}</code></h1>",
              f"<p>Test split, {html.escape(spread)}. Machine: {html.escape(machine)}. {html.escape(timing)} "
-             f"Commit <code>{html.escape(str(prov.get('git_commit')))}</code>.</p>",
+             f"{html.escape(made_at)}.</p>",
              "<h2>Results</h2>", _html_table(["figure", "ours (test)", "the study"], main_rows)]
     if skipped:
         parts += ["<p>Skipped here:</p>", _html_table(["stage", "why"], skipped)]
