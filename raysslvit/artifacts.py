@@ -1,6 +1,7 @@
 """Atomic writes of results and checkpoints, and the provenance saved beside every result."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -46,7 +47,10 @@ def save_torch(path: str, obj) -> None:
         torch.save(obj, tmp)
 
 
+@functools.cache
 def git_commit() -> str:
+    """The checkout's commit (`-dirty` with uncommitted changes) when this process first asked:
+    at import, so a commit made while a long run goes on is not recorded as the code it ran."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -55,6 +59,9 @@ def git_commit() -> str:
         return "unknown"
     commit = out.stdout.strip() or "unknown"
     return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+git_commit()
 
 
 def provenance() -> dict:

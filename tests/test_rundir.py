@@ -135,3 +135,12 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert_one_line_error(cli("analyze", "--out", str(tmp_path / "out"), "--before", str(evil),
                               "--after", str(evil)), "not a raysslvit checkpoint", "evil.pt")
     assert not marker.exists()
+
+
+def test_the_recorded_commit_is_the_one_the_process_started_with(monkeypatch):
+    from raysslvit import artifacts
+
+    started = artifacts.git_commit()
+    later = subprocess.CompletedProcess([], 0, stdout="f" * 40 + "\n", stderr="")
+    monkeypatch.setattr(artifacts.subprocess, "run", lambda *a, **k: later)  # a commit made mid-run
+    assert artifacts.provenance()["git_commit"] == started
