@@ -143,8 +143,18 @@ def resolve_weights(c: CaptionsConfig) -> dict:
     return {"blip": found["blip"], "clip": found["clip"][0], "clip_file": found["clip"][1]}
 
 
+def _file_identity(path: str) -> list:
+    """A weights file's content, cheaply: the Hugging Face cache names each blob by its hash (a new
+    download of the same weights is the same blob); any other file, by its size and mtime."""
+    real = os.path.realpath(path)
+    if os.path.basename(os.path.dirname(real)) == "blobs":
+        return [os.path.basename(real)]
+    return [os.path.getsize(path), os.stat(path).st_mtime_ns]
+
+
 def weights_identity(weights: dict) -> dict:
-    """What identifies the weights in a fingerprint: each local file's path, size and mtime."""
+    """What identifies the weights in a fingerprint: each local file's path and `_file_identity`
+    (hashing gigabytes of weights on every call would cost more than a stage)."""
     ident = {}
     for key in ("blip", "clip", "clip_file"):
         where = weights[key]
@@ -152,7 +162,7 @@ def weights_identity(weights: dict) -> dict:
         if path and os.path.exists(path):
             files = [path] if os.path.isfile(path) else sorted(
                 os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
-            ident[key] = [[os.path.relpath(f, os.path.dirname(path)), os.path.getsize(f), os.stat(f).st_mtime_ns]
+            ident[key] = [[os.path.relpath(f, os.path.dirname(path)), *_file_identity(f)]
                           for f in files]  # lists: the fingerprint is compared after a JSON round trip
         else:
             ident[key] = where

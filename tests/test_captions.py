@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from raysslvit.captions import label_word_rate
+from raysslvit.captions import label_word_rate, weights_identity
 from raysslvit.config import build_config
 from raysslvit.fusion import FusionTransformer
 from raysslvit.stages import captions, fusion
@@ -129,3 +129,23 @@ def test_keys_and_values_come_from_the_text():
         model(torch.randn(2, 4, 3, 32, 32), text)
         assert not torch.allclose(seen["q"], q) and torch.equal(seen["kv"], kv)
 
+
+
+def test_weights_from_the_hub_cache_are_known_by_their_blobs(tmp_path):
+    """A new download of the same weights (same blob hash, new mtime) is the same input; a local
+    folder's file is known by its size and mtime."""
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (blobs / "9f86d08").write_bytes(b"weights")
+    os.symlink(blobs / "9f86d08", snapshot / "model.safetensors")
+    weights = {"blip": str(snapshot), "clip": None, "clip_file": None}
+    before = weights_identity(weights)
+    assert before["blip"] == [["abc123/model.safetensors", "9f86d08"]]
+    os.utime(blobs / "9f86d08", (1, 1))
+    assert weights_identity(weights) == before
+    local = tmp_path / "blip"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes(b"weights")
+    ident = weights_identity({"blip": str(local), "clip": None, "clip_file": None})["blip"]
+    assert ident == [["blip/model.safetensors", 7, os.stat(local / "model.safetensors").st_mtime_ns]]
