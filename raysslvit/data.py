@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raysslvit.artifacts import atomic_path
+from raysslvit.artifacts import atomic_path, file_digest
 from raysslvit.errors import UserError
 
 SAMPLE_ZIP = os.path.join(os.path.dirname(__file__), "assets", "cifar10_sample.zip")
@@ -113,28 +113,19 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-_folder_digests: dict[str, str] = {}
-
-
 def image_folder_digest(root: str, files: dict | None = None) -> str:
     """What an ImageFolder tree holds: every image's path under `root` and the hash of its bytes
-    (not mtimes: a copied or re-extracted tree is the same data; 60k CIFAR files hash in about 0.5 s),
-    remembered within this process while no file's path, size or mtime changes."""
+    (not mtimes: a copied or re-extracted tree is the same data; each file's hash is remembered
+    within this process, `file_digest`)."""
     if not os.path.isdir(root):
         raise UserError(f"data folder not found: {root}")
     files = files if files is not None else _list_image_folder(root)
-    paths = [p for _, by_class in sorted(files.items()) for _, ps in sorted(by_class.items()) for p in ps]
-    stats = hashlib.sha1()
-    for p in paths:
-        st = os.stat(p)
-        stats.update(f"{os.path.realpath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    key = stats.hexdigest()
-    if key not in _folder_digests:
-        digest = hashlib.sha1()
-        for p in paths:
-            digest.update(f"{os.path.relpath(p, root)}|{hashlib.sha1(_read_file(p)).hexdigest()}\n".encode())
-        _folder_digests[key] = digest.hexdigest()
-    return _folder_digests[key]
+    digest = hashlib.sha1()
+    for split, by_class in sorted(files.items()):
+        for cls, paths in sorted(by_class.items()):
+            for p in paths:
+                digest.update(f"{os.path.relpath(p, root)}|{file_digest(p)}\n".encode())
+    return digest.hexdigest()
 
 
 def source_digest(data: str, data_dir: str = "") -> str:

@@ -189,10 +189,11 @@ def _ray_worker(loop_config: dict) -> None:
 
     try:
         # a worker restarted within this run gets the run's latest checkpoint; a new run, the folder's
-        resume = load_state(loop_config["resume"])
         if (ckpt := ray.train.get_checkpoint()) is not None:
             with ckpt.as_directory() as d:
                 resume = load_state(d)
+        else:
+            resume = load_state(loop_config["resume"])
         _call_worker(loop_config["worker"], cfg, ctx, report, resume)
     except UserError as e:  # Ray Train retries every worker error: this one ends the run, said by a file
         write_json(loop_config["user_error"], {"rank": ctx.rank, "error": str(e)})

@@ -93,15 +93,17 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
         merged["per_seed"] = {str(seed): {k: v for k, v in m.items() if k != "history"} for seed, m in by_seed.items()}
         results[key] = merged
     first = next(iter(dirs.values()))
-    saved = next((read_json(c) for c in sorted(glob.glob(os.path.join(first, "*", "config.json")))), None)
-    if saved is None:
+    configs = {os.path.basename(os.path.dirname(c)): read_json(c)
+               for c in sorted(glob.glob(os.path.join(first, "*", "config.json")))}
+    if not configs:
         raise UserError(f"no finished stage in {out}: run `python -m raysslvit run --out {out}` first")
+    saved = next(iter(configs.values()))
     results["config"] = saved["config"]
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
     # a study built over several sittings holds stages made at different commits: say which
     commits: dict[str, list[str]] = {}
-    for c in sorted(glob.glob(os.path.join(first, "*", "config.json"))):
-        commits.setdefault(str(read_json(c).get("git_commit")), []).append(os.path.basename(os.path.dirname(c)))
+    for stage, config in configs.items():
+        commits.setdefault(str(config.get("git_commit")), []).append(stage)
     results["provenance"]["git_commits"] = commits
     study = [read_json(p) for d in dirs.values() if os.path.exists(p := os.path.join(d, "study.json"))]
     results["skipped"] = study[0]["skipped"] if study else {}
@@ -211,13 +213,14 @@ def build(out: str) -> dict:
                  for key, metric, what, study in TABLE if key not in results.get("skipped", {})]
     skipped = _skipped_rows(results)
     analyze_rows = [[what, _fmt(results.get("analyze"), key)] for key, what in ANALYZE]
-    time_rows = [[key] + [f"{t[k]:.1f}" if t[k] is not None else "—" for k, _ in TIME_COLUMNS] for key, t in _wall_times(runs)]
+    wall_times = _wall_times(runs)
+    time_rows = [[key] + [f"{t[k]:.1f}" if t[k] is not None else "—" for k, _ in TIME_COLUMNS] for key, t in wall_times]
     time_header = ["stage"] + [name for _, name in TIME_COLUMNS]
     prov = results["provenance"]
     hardware = prov.get("hardware") or {}
     machine = f"{hardware.get('cpu', '?')} ({hardware.get('cpus', '?')} CPUs)" + (f", {hardware['gpu']}" if hardware.get("gpu") else "")
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
-    total = sum(t.get("wall_s", 0.0) for _, t in _wall_times(runs))
+    total = sum(t["wall_s"] for _, t in wall_times)
     last = results["last_run_wall_s"]
     timing = f"Stages' wall time: {total:.0f} s" + (f" (the last run call: {last:.0f} s)." if last is not None else ".")
     commits = prov.get("git_commits") or {str(prov.get("git_commit")): []}

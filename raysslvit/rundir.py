@@ -9,7 +9,6 @@ fingerprint) last, so a half-written result never matches.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -17,25 +16,10 @@ from dataclasses import asdict
 
 import torch
 
-from raysslvit.artifacts import provenance, read_json, save_torch, write_json
+from raysslvit.artifacts import file_digest, provenance, read_json, save_torch, write_json
 from raysslvit.config import PATH_KEYS, RUNTIME_KEYS, SECTIONS, Config, TrainConfig
 from raysslvit.data import source_digest
 from raysslvit.errors import UserError
-
-_digests: dict[tuple, str] = {}
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) within this process."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _digests[key] = h.hexdigest()
-    return _digests[key]
 
 
 def stage_fingerprint(cfg: Config, section: str, inputs: dict[str, str] | None = None) -> dict:
