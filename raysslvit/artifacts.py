@@ -22,11 +22,14 @@ class atomic_path:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         return self.tmp
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type, exc, _):
         if exc_type is None:
             os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+            return False
+        if os.path.exists(self.tmp):
             os.remove(self.tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file
+            exc.filename = self.path
         return False
 
 
@@ -41,11 +44,26 @@ def read_json(path: str):
         return json.load(f)
 
 
+def try_read_json(path: str):
+    """The JSON in `path`, or None when it is missing or not valid JSON (a run folder's file that a
+    crash or a user broke: the stage is redone, never a traceback)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 def save_torch(path: str, obj) -> None:
+    """torch.save through a buffer: a full disk then raises OSError (ENOSPC), which the CLI reports
+    in one line, instead of the zip writer's RuntimeError."""
+    import io
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 _digests: dict[tuple, str] = {}

@@ -257,6 +257,12 @@ def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool 
     resumed from a checkpoint of that fingerprint, else started over. `on_epoch(metrics)` (in-process)
     and Ray Train `callbacks` see every epoch's report; the last one carries the final metrics."""
     folder = RunFolder(cfg.out_dir, stage, stage_fingerprint(cfg, section, inputs))
+    with folder.claim():
+        return _launch_in(folder, worker, cfg, fresh, inputs or {}, on_epoch, callbacks)
+
+
+def _launch_in(folder: RunFolder, worker: WorkerFn, cfg: Config, fresh: bool, inputs: dict, on_epoch, callbacks) -> dict:
+    stage = folder.stage
     if fresh:
         folder.clear_checkpoints()
     elif (done := folder.finished()) is not None:
@@ -276,7 +282,7 @@ def launch(stage: str, section: str, worker: WorkerFn, cfg: Config, fresh: bool 
     model = None
     if state is not None:  # the model config travels with the weights (fine-tuning keeps M's shape)
         model = {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]}
-    folder.write(cfg, metrics, model, inputs=inputs or {})
+    folder.write(cfg, metrics, model, inputs=inputs)
     print(f"{stage}: done in {metrics['timing']['wall_s']:.0f} s: " + " ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float))
         + f"  -> {folder.path}", flush=True)

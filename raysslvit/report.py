@@ -18,7 +18,7 @@ import statistics
 
 from matplotlib.figure import Figure
 
-from raysslvit.artifacts import atomic_path, read_json, write_json
+from raysslvit.artifacts import atomic_path, try_read_json, write_json
 from raysslvit.errors import UserError
 
 # results.json key -> the stage's folder
@@ -57,17 +57,17 @@ def seed_dirs(out: str) -> dict[int, str]:
     found = {int(p.rsplit("_", 1)[1]): p for p in glob.glob(os.path.join(out, "seed_*")) if p.rsplit("_", 1)[1].isdigit()}
     if found:
         return dict(sorted(found.items()))
-    config = os.path.join(out, "ssl", "config.json")
-    return {read_json(config)["seed"] if os.path.exists(config) else 0: out}
+    saved = try_read_json(os.path.join(out, "ssl", "config.json"))
+    return {saved["seed"] if isinstance(saved, dict) and "seed" in saved else 0: out}
 
 
 def load_runs(out: str) -> dict[str, dict[int, dict]]:
-    """{results key: {seed: the stage's metrics.json}}, each file read once."""
+    """{results key: {seed: the stage's metrics.json}}, each file read once (a broken one: not finished)."""
     runs: dict[str, dict[int, dict]] = {}
     for key, stage in STAGES.items():
         for seed, d in seed_dirs(out).items():
-            if os.path.exists(path := os.path.join(d, stage, "metrics.json")):
-                runs.setdefault(key, {})[seed] = read_json(path)
+            if isinstance(metrics := try_read_json(os.path.join(d, stage, "metrics.json")), dict):
+                runs.setdefault(key, {})[seed] = metrics
     return runs
 
 
@@ -93,8 +93,8 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
         merged["per_seed"] = {str(seed): {k: v for k, v in m.items() if k != "history"} for seed, m in by_seed.items()}
         results[key] = merged
     first = next(iter(dirs.values()))
-    configs = {os.path.basename(os.path.dirname(c)): read_json(c)
-               for c in sorted(glob.glob(os.path.join(first, "*", "config.json")))}
+    configs = {os.path.basename(os.path.dirname(c)): saved
+               for c in sorted(glob.glob(os.path.join(first, "*", "config.json"))) if isinstance(saved := try_read_json(c), dict)}
     if not configs:
         raise UserError(f"no finished stage in {out}: run `python -m raysslvit run --out {out}` first")
     saved = next(iter(configs.values()))
@@ -105,7 +105,7 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
     for stage, config in configs.items():
         commits.setdefault(str(config.get("git_commit")), []).append(stage)
     results["provenance"]["git_commits"] = commits
-    study = [read_json(p) for d in dirs.values() if os.path.exists(p := os.path.join(d, "study.json"))]
+    study = [s for d in dirs.values() if isinstance(s := try_read_json(os.path.join(d, "study.json")), dict)]
     results["skipped"] = study[0]["skipped"] if study else {}
     # the last finished `run` call (stages it found done take seconds); None before one finished
     results["last_run_wall_s"] = sum(s["wall_s"] for s in study) if study else None

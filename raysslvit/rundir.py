@@ -4,19 +4,25 @@ A result is reused only while its fingerprint matches: the stage's config sectio
 data source's content and the content of every input file (M's weights for probe, fine-tune,
 analysis and video). Anything else redoes the stage, with one line saying what changed.
 Write order makes a crash safe: `model.pt` and `metrics.json` first, `config.json` (the
-fingerprint) last, so a half-written result never matches.
+fingerprint and the size and sha256 of every output file) last, so a half-written result never
+matches, and a missing, truncated or altered output, or a broken JSON file, redoes the stage.
+One process at a time works in a stage folder: `RunFolder.claim()` holds its lock.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
+import platform
 import shutil
+import time
 from dataclasses import asdict
 
 import torch
 
-from raysslvit.artifacts import file_digest, provenance, read_json, save_torch, write_json
+from raysslvit.artifacts import file_digest, provenance, save_torch, try_read_json, write_json
 from raysslvit.config import PATH_KEYS, RUNTIME_KEYS, SECTIONS, Config, TrainConfig
 from raysslvit.data import source_digest
 from raysslvit.errors import UserError
@@ -57,18 +63,60 @@ def fingerprint_changes(saved: dict | None, current: dict) -> list[str]:
 
 
 def saved_fingerprint(stage_dir: str) -> dict | None:
-    """The fingerprint of the finished result in `stage_dir`, if there is one."""
-    config = os.path.join(stage_dir, "config.json")
-    return read_json(config).get("fingerprint") if os.path.exists(config) else None
+    """The fingerprint of the finished result in `stage_dir`, if there is a readable one."""
+    saved = try_read_json(os.path.join(stage_dir, "config.json"))
+    return saved.get("fingerprint") if isinstance(saved, dict) else None
 
 
 def latest_checkpoint(stage_dir: str) -> str | None:
-    """The checkpoint folder with the highest epoch under `<stage_dir>/checkpoints/`, if any."""
+    """The checkpoint folder with the highest epoch under `<stage_dir>/checkpoints/`, if any (one
+    with an unreadable meta.json is passed over)."""
     found = []
     for meta in glob.glob(os.path.join(stage_dir, "checkpoints", "*", "checkpoint_*", "meta.json")):
-        if os.path.exists(os.path.join(os.path.dirname(meta), "state.pt")):
-            found.append((read_json(meta)["epoch"], os.path.getmtime(meta), os.path.dirname(meta)))
+        saved = try_read_json(meta)
+        if isinstance(saved, dict) and "epoch" in saved and os.path.exists(os.path.join(os.path.dirname(meta), "state.pt")):
+            found.append((saved["epoch"], os.path.getmtime(meta), os.path.dirname(meta)))
     return max(found)[2] if found else None
+
+
+def output_files(stage_dir: str) -> dict[str, dict]:
+    """{name: {size, sha256}} of every result file directly in the folder: all but config.json,
+    hidden files (the lock) and unfinished temporary files."""
+    names = sorted(n for n in os.listdir(stage_dir) if n != "config.json" and not n.startswith(".")
+                   and ".tmp" not in n and os.path.isfile(os.path.join(stage_dir, n)))
+    return {n: {"size": os.path.getsize(p := os.path.join(stage_dir, n)), "sha256": file_digest(p)} for n in names}
+
+
+def output_problem(stage_dir: str, recorded: dict | None) -> str | None:
+    """Why the recorded outputs are not the ones on disk (missing, truncated, altered), or None.
+    Sizes are compared first: a truncated file is found without reading it."""
+    if not isinstance(recorded, dict):
+        return "config.json has no record of the stage's outputs"
+    for name, want in sorted(recorded.items()):
+        path = os.path.join(stage_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != want.get("size"):
+            return f"{name} is truncated or altered ({os.path.getsize(path)} bytes, {want.get('size')} recorded)"
+    for name, want in sorted(recorded.items()):
+        if file_digest(os.path.join(stage_dir, name)) != want.get("sha256"):
+            return f"{name} was altered (its sha256 differs from the recorded one)"
+    return None
+
+
+def make_folder(path: str) -> None:
+    """`path` as a folder this process can write, or a user error naming why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        raise UserError(f"{parent} is a file, not a folder: pass another --out") from None
+    except PermissionError:
+        raise UserError(f"cannot create {path} (permission denied): pass another --out") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"cannot write to {path} (permission denied): pass another --out")
 
 
 def write_checkpoint(directory: str, state: dict, meta: dict) -> None:
@@ -101,24 +149,60 @@ class RunFolder:
         print(f"{self.stage}: {line}", flush=True)
 
     def finished(self) -> dict | None:
-        """The stored metrics when this fingerprint made them; None (saying why) when it must run."""
-        metrics = os.path.join(self.path, "metrics.json")
-        if not (os.path.exists(metrics) and os.path.exists(os.path.join(self.path, "config.json"))):
+        """The stored metrics when this fingerprint made them and every output is as recorded; None
+        (saying why) when the stage must run."""
+        config, metrics = (os.path.join(self.path, n) for n in ("config.json", "metrics.json"))
+        if not (os.path.exists(metrics) or os.path.exists(config)):
             return None
-        changes = fingerprint_changes(saved_fingerprint(self.path), self.fingerprint)
+        saved, done = try_read_json(config), try_read_json(metrics)
+        if not isinstance(saved, dict) or not isinstance(done, dict):
+            broken = "config.json" if not isinstance(saved, dict) else "metrics.json"
+            return self._redo(f"{broken} is missing or not valid JSON in {self.path}")
+        changes = fingerprint_changes(saved.get("fingerprint"), self.fingerprint)
         if changes:
-            self._say(f"redoing: {', '.join(changes[:4])}{' ...' if len(changes) > 4 else ''} changed since {self.path}")
-            self._redoing = True
-            return None
+            return self._redo(f"{', '.join(changes[:4])}{' ...' if len(changes) > 4 else ''} changed since {self.path}")
+        if problem := output_problem(self.path, saved.get("outputs")):
+            return self._redo(f"{problem} in {self.path}")
         self._say(f"done already in {self.path} (--fresh to redo)")
-        return read_json(metrics)
+        return done
+
+    def _redo(self, why: str) -> None:
+        self._say(f"redoing: {why}")
+        self._redoing = True
+        return None
+
+    @contextlib.contextmanager
+    def claim(self):
+        """Hold the folder's lock while the stage runs: a second process gets one line naming the
+        holder; a lock left by a process that died is taken over, with a line. (flock: the kernel
+        lets go of a dead process's lock, its note in the file stays.)"""
+        make_folder(self.path)
+        with open(os.path.join(self.path, ".lock"), "a+") as f:
+            f.seek(0)
+            note = f.read().strip()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{self.path} is in use by {note or 'another process'}: wait for it to end, "
+                                f"or pass another --out") from None
+            if note:
+                self._say(f"taking over the lock of {note}, which ended without letting go")
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            try:
+                yield self
+            finally:
+                f.truncate(0)
+                f.flush()
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def resume_point(self) -> str | None:
         """The latest checkpoint of this fingerprint; checkpoints of another one are removed."""
         latest = latest_checkpoint(self.path)
         if latest is None:
             return None
-        changes = fingerprint_changes(read_json(os.path.join(latest, "meta.json")).get("fingerprint"), self.fingerprint)
+        changes = fingerprint_changes(try_read_json(os.path.join(latest, "meta.json")).get("fingerprint"), self.fingerprint)
         if changes:
             if not self._redoing:
                 self._say(f"checkpoints were written with another {', '.join(changes[:4])}: starting over")
@@ -130,9 +214,11 @@ class RunFolder:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def write(self, cfg: Config, metrics: dict, model: dict | None = None, **extra) -> None:
-        """The result, atomically; config.json (the fingerprint) last, so only a whole result matches."""
+        """The result, atomically; config.json (the fingerprint, every output's size and sha256)
+        last, so only a whole result matches. Files the stage wrote into its folder count as outputs."""
         if model is not None:
             save_torch(os.path.join(self.path, "model.pt"), model)
         write_json(os.path.join(self.path, "metrics.json"), metrics)
-        write_json(os.path.join(self.path, "config.json"), {"config": cfg.to_dict(), "fingerprint": self.fingerprint,
-                                                            "seed": cfg.seed, **extra, **provenance()})
+        write_json(os.path.join(self.path, "config.json"), {
+            "config": cfg.to_dict(), "fingerprint": self.fingerprint, "seed": cfg.seed,
+            "outputs": output_files(self.path), **extra, **provenance()})

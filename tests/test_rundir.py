@@ -144,3 +144,83 @@ def test_the_recorded_commit_is_the_one_the_process_started_with(monkeypatch):
     later = subprocess.CompletedProcess([], 0, stdout="f" * 40 + "\n", stderr="")
     monkeypatch.setattr(artifacts.subprocess, "run", lambda *a, **k: later)  # a commit made mid-run
     assert artifacts.provenance()["git_commit"] == started
+
+
+def _ssl(tmp_path, *more):
+    return main(["ssl", "--launcher", "local", "--out", str(tmp_path), "--epochs", "1", *more])
+
+
+def test_a_missing_truncated_or_altered_output_or_broken_json_redoes_the_stage(tmp_path, capsys):
+    """Tried as a user would: each damage gives one line naming the file, and the stage is redone
+    (here from its last checkpoint, so the weights come back as they were)."""
+    assert _ssl(tmp_path) == 0
+    model = tmp_path / "ssl" / "model.pt"
+    original = model.read_bytes()
+    assert set(read_json(tmp_path / "ssl" / "config.json")["outputs"]) == {"metrics.json", "model.pt"}
+    damages = [(lambda: model.write_bytes(original[:100]), "model.pt is truncated or altered (100 bytes"),
+               (lambda: model.write_bytes(original[:-1] + bytes([original[-1] ^ 1])), "model.pt was altered"),
+               (lambda: model.unlink(), "model.pt is missing"),
+               (lambda: (tmp_path / "ssl" / "metrics.json").write_text("{broken"), "metrics.json is missing or not valid JSON"),
+               (lambda: (tmp_path / "ssl" / "config.json").write_text("[1,"), "config.json is missing or not valid JSON")]
+    for damage, line in damages:
+        capsys.readouterr()
+        damage()
+        assert _ssl(tmp_path) == 0
+        said = capsys.readouterr()
+        assert f"ssl: redoing: {line}" in said.out and "Traceback" not in said.err, said
+        assert model.read_bytes() == original
+    assert _ssl(tmp_path) == 0 and "ssl: done already" in capsys.readouterr().out
+    (tmp_path / "ssl" / "metrics.json").write_text("{broken")  # the report passes over it, no traceback
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    assert "ssl" not in read_json(tmp_path / "results.json")
+
+
+def test_out_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _ssl(tmp_path / "file" / "run") == 2
+    assert capsys.readouterr().err.strip() == f"raysslvit: error: {tmp_path / 'file'} is a file, not a folder: pass another --out"
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_result_a_later_run_accepts(tmp_path, capsys, monkeypatch):
+    """ENOSPC simulated where the result is written (a real tiny tmpfs gives the same line: docs/usage.md)."""
+    import errno
+
+    from raysslvit import rundir
+
+    save = rundir.save_torch
+
+    def full(path, obj):  # the checkpoints fit, the result does not
+        if path.endswith("model.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        save(path, obj)
+
+    monkeypatch.setattr(rundir, "save_torch", full)
+    assert _ssl(tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"raysslvit: error: no space left on device writing {tmp_path / 'ssl' / 'model.pt'}")
+    assert not (tmp_path / "ssl" / "config.json").exists()
+    monkeypatch.undo()
+    assert _ssl(tmp_path) == 0 and "done already" not in capsys.readouterr().out
+    assert (tmp_path / "ssl" / "model.pt").exists()
+
+
+def test_one_writer_per_stage_folder(tmp_path, capsys):
+    """A second process on a folder in use gets one line naming the holder and exit code 2; once the
+    holder died (SIGKILL: no chance to let go), the next run takes its lock over with a line."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom raysslvit.rundir import RunFolder\n"
+                               f"with RunFolder({str(tmp_path)!r}, 'ssl', {{}}).claim():\n"
+                               "    print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _ssl(tmp_path) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{tmp_path / 'ssl'} is in use by pid {holder.pid} on " in err[0], err
+        assert not (tmp_path / "ssl" / "metrics.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert _ssl(tmp_path) == 0
+    assert f"ssl: taking over the lock of pid {holder.pid} on " in capsys.readouterr().out
+    assert (tmp_path / "ssl" / "metrics.json").exists()

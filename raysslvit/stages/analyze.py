@@ -130,8 +130,14 @@ def run(cfg: Config, fresh: bool = False) -> dict:
     paths = model_paths(cfg)
     models = {k: load_encoder(p) for k, p in paths.items()}
     folder = RunFolder(cfg.out_dir, "analyze", stage_fingerprint(cfg, "analyze", paths))
-    if not fresh and (done := folder.finished()) is not None:
-        return done
+    with folder.claim():
+        if not fresh and (done := folder.finished()) is not None:
+            return done
+        return _analyze(cfg, folder, paths, models, started)
+
+
+def _analyze(cfg: Config, folder: RunFolder, paths: dict, models: dict, started: float) -> dict:
+    a = cfg.analyze
     splits = load_data(cfg)
     x, y = splits.test_x, splits.test_y
     samples = [int(i) for i in a.samples] or pick_samples(y, 3, cfg.seed)

@@ -71,19 +71,26 @@ def _write_part(folder: str, k: int, batch) -> None:
 
 
 def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
-    import pandas as pd
-
-    from raysslvit.captions import caption_batches, label_word_rate, resolve_weights, weights_identity
-    from raysslvit.launch import start_ray
+    from raysslvit.captions import resolve_weights, weights_identity
 
     weights = resolve_weights(cfg.captions)  # missing weights fail here, at once, before Ray starts
     splits = load_data(cfg)
     fingerprint = {**stage_fingerprint(cfg, "captions"), "weights": weights_identity(weights)}
     fingerprint.pop("seed")  # captioning draws nothing at random
     folder = RunFolder(cfg.out_dir, "captions", fingerprint)
+    with folder.claim():
+        if not fresh and (done := folder.finished()) is not None:
+            return done
+        return _caption(cfg, folder, splits, weights)
+
+
+def _caption(cfg: Config, folder: RunFolder, splits, weights: dict) -> dict:
+    import pandas as pd
+
+    from raysslvit.captions import caption_batches, label_word_rate
+    from raysslvit.launch import start_ray
+
     table, partial = os.path.join(folder.path, TABLE), os.path.join(folder.path, PARTS)
-    if not fresh and os.path.isfile(table) and (done := folder.finished()) is not None:
-        return done
     if os.path.isdir(partial):
         print(f"captions: removing the partial table of an interrupted run ({partial}): starting clean", flush=True)
         shutil.rmtree(partial)
