@@ -294,7 +294,7 @@ def trivial_augment(x: torch.Tensor, p: float = 1.0, chunk: int = 16) -> torch.T
     return torch.cat([op(c) if d else c for c, d in zip(chunks, draw)])
 
 
-class ClipSampler(torch.utils.data.Sampler):
+class ClipSampler:
     """Same-class clips for pseudo-video: each item is `clip_len` distinct images of one class.
 
     Per epoch (seeded, `set_epoch`) every class is shuffled and cut into clips, the remainder
@@ -308,7 +308,7 @@ class ClipSampler(torch.utils.data.Sampler):
         small = [(c, int(n)) for c, n in enumerate(counts) if 0 < n < clip_len]
         if small:
             raise UserError(f"class {small[0][0]} has {small[0][1]} images, fewer than one clip of {clip_len}")
-        self.epoch, self.total = 0, int((counts // clip_len).sum())
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -328,12 +328,6 @@ class ClipSampler(torch.utils.data.Sampler):
         clips = torch.cat(clips)[torch.cat(keys).argsort()]
         per_rank = len(clips) // self.world_size
         return clips[self.rank::self.world_size][:per_rank]
-
-    def __iter__(self):
-        yield from self.clips().tolist()
-
-    def __len__(self) -> int:
-        return self.total // self.world_size
 
 
 def shard_batches(n: int, batch_size: int, rank: int, world: int, seed: int, device=None):

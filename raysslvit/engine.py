@@ -61,25 +61,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: no decay for biases, norms and `no_weight_decay()` names; with layer_decay < 1
-    the lr shrinks geometrically from the head down to the patch embedding (BEiT, MAE)."""
+    the lr shrinks geometrically from the head down to the patch embedding (BEiT, MAE). Layer ids
+    come from the model's encoder (`layer_of`); parameters outside it sit above its last block."""
     encoder = getattr(model, "encoder", model)
-    skip = {f"{prefix}.{n}".lstrip(".") for prefix, m in model.named_modules() if hasattr(m, "no_weight_decay")
+    prefix = next(name for name, m in model.named_modules() if m is encoder)
+    skip = {f"{p}.{n}".lstrip(".") for p, m in model.named_modules() if hasattr(m, "no_weight_decay")
             for n in m.no_weight_decay()}
-    depth = len(encoder.blocks)
+    top = encoder.num_layers - 1
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        bare = name.removeprefix("video.").removeprefix("encoder.")
-        if bare.startswith(("patch_embed", "cls_token", "pos_embed")):
-            layer = 0
-        elif bare.startswith("blocks."):
-            layer = int(bare.split(".")[1]) + 1
-        else:
-            layer = depth + 1
+        inside = not prefix or name.startswith(prefix + ".")
+        layer = encoder.layer_of(name[len(prefix) + 1 if prefix else 0:]) if inside else top
         decay = 0.0 if p.ndim <= 1 or name in skip else weight_decay
         key = (layer, decay)
-        groups.setdefault(key, {"params": [], "weight_decay": decay, "lr_scale": layer_decay ** (depth + 1 - layer)})
+        groups.setdefault(key, {"params": [], "weight_decay": decay, "lr_scale": layer_decay ** (top - layer)})
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -167,6 +164,17 @@ def fit(task: Task, splits: Splits, cfg: TrainConfig, ctx: WorkerContext, report
     final = _finish(task, model, base, splits, ctx, history, state["best_state"])
     report(final, state if ctx.rank == 0 else None)
     return final
+
+
+def result_model(stage: str, state: dict) -> dict:
+    """What a stage's model.pt holds, from its final checkpoint state (as `fit` or `final_state`
+    lays it out): the best epoch's weights and the encoder config they need."""
+    return {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]}
+
+
+def final_state(model_config: dict, weights: dict) -> dict:
+    """The checkpoint state of a stage that trains no `fit` loop (the probe): weights only."""
+    return {"model_config": model_config, "best_state": weights}
 
 
 def rng_states(ctx: WorkerContext) -> list[dict]:

@@ -43,19 +43,10 @@ class FusionTransformer(nn.Module):
     def encoder(self):  # what checkpoints and the engine read the model's shape from
         return self.video.encoder
 
-    def temporal_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) frame CLS outputs -> (B, T + 1, D) tokens after the temporal blocks: the queries."""
-        v = self.video
-        B, T, _ = frames.shape
-        x = torch.cat([v.temporal_cls.expand(B, -1, -1), frames], dim=1) + v.temporal_pos[:, :T + 1]
-        for blk in v.temporal_blocks:
-            x = blk(x)
-        return x
-
     def forward_temporal(self, frames: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) frame tokens and (B, T, E) caption embeddings -> (B, classes) logits."""
-        x = self.cross(self.temporal_tokens(frames), self.text_proj(text))
-        return self.video.head(self.video.temporal_norm(x[:, 0]))
+        """(B, T, D) frame tokens and (B, T, E) caption embeddings -> (B, classes) logits: the
+        cross-attention block sits between the video model's temporal stage and its classifier."""
+        return self.video.classify(self.cross(self.video.temporal_tokens(frames), self.text_proj(text)))
 
     def forward(self, clips: torch.Tensor, text: torch.Tensor, frame_clip_len: int = 0):
         """(B, T, 3, H, W) normalised frames, (B, T, E) their captions' embeddings -> clip logits (B,

@@ -20,7 +20,7 @@ import torch
 from raysslvit import data
 from raysslvit.artifacts import read_json, write_json
 from raysslvit.config import Config
-from raysslvit.engine import WorkerContext
+from raysslvit.engine import WorkerContext, result_model
 from raysslvit.errors import UserError
 from raysslvit.rundir import RunFolder, load_state, stage_fingerprint, write_checkpoint
 
@@ -278,10 +278,8 @@ def _launch_in(folder: RunFolder, worker: WorkerFn, cfg: Config, fresh: bool, in
     if resume:  # this call's wall time covers only the epochs after it; the history has them all
         timing["resumed_after_epoch"] = read_json(os.path.join(resume, "meta.json"))["epoch"]
     metrics = {**metrics, "timing": timing}
-    state = load_state(checkpoint)
-    model = None
-    if state is not None:  # the model config travels with the weights (fine-tuning keeps M's shape)
-        model = {"stage": stage, "model_config": state["model_config"], "state_dict": state["best_state"]}
+    state = load_state(checkpoint)  # the model config travels with the weights (fine-tuning keeps M's shape)
+    model = result_model(stage, state) if state is not None else None
     folder.write(cfg, metrics, model, inputs=inputs)
     print(f"{stage}: done in {metrics['timing']['wall_s']:.0f} s: " + " ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float))

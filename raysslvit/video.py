@@ -44,19 +44,30 @@ class VideoTransformer(nn.Module):
         B, T = clips.shape[:2]
         return self.encoder(clips.flatten(0, 1)).view(B, T, -1)
 
-    def forward_temporal(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) frame tokens -> (B, num_classes) logits."""
+    def temporal_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) frame tokens -> the tokens leaving the temporal stage: (B, T + 1, D) with the
+        temporal CLS first; for "mean", the frame tokens themselves."""
         if self.temporal == "mean":
-            return self.head(frames.mean(1))
+            return frames
         B, T, D = frames.shape
         x = torch.cat([self.temporal_cls.expand(B, -1, -1), frames], dim=1) + self.temporal_pos[:, :T + 1]
         for blk in self.temporal_blocks:
             x = blk(x)
-        return self.head(self.temporal_norm(x[:, 0]))
+        return x
+
+    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens of `temporal_tokens` (or a block placed after it, as fusion's) -> (B, classes) logits."""
+        if self.temporal == "mean":
+            return self.head(tokens.mean(1))
+        return self.head(self.temporal_norm(tokens[:, 0]))
+
+    def forward_temporal(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) frame tokens -> (B, num_classes) logits."""
+        return self.classify(self.temporal_tokens(frames))
 
     def forward(self, clips: torch.Tensor, frame_clip_len: int = 0):
         """Clip logits (B, classes); frame_clip_len > 0: also every frame's logits (B, T, classes), each
-        frame through the temporal path as a static clip of that many copies (`forward_static`)."""
+        frame through the temporal path as a static clip of that many copies (`static_logits`)."""
         frames = self.frame_features(clips)
         logits = self.forward_temporal(frames)
         if not frame_clip_len:
@@ -64,10 +75,6 @@ class VideoTransformer(nn.Module):
         return logits, self.static_logits(frames.flatten(0, 1), frame_clip_len).view(*frames.shape[:2], -1)
 
     def static_logits(self, frames: torch.Tensor, clip_len: int) -> torch.Tensor:
-        """(N, D) frame CLS outputs -> logits of each frame as a static clip of `clip_len` copies."""
+        """(N, D) frame CLS outputs -> logits of each frame as a static clip of `clip_len` copies (the
+        spatial encoder runs once per image: its output would be the same for every frame)."""
         return self.forward_temporal(frames[:, None].expand(-1, clip_len, -1))
-
-    def forward_static(self, images: torch.Tensor, clip_len: int) -> torch.Tensor:
-        """Each image as a static clip of `clip_len` equal frames: the spatial encoder runs once per
-        image (its output would be identical for every frame) and its CLS is repeated."""
-        return self.static_logits(self.encoder(images), clip_len)

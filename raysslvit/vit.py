@@ -52,15 +52,6 @@ class ViTConfig:
         return asdict(self)
 
 
-# Named sizes; presets and Tune spaces refer to them by name.
-MODEL_SIZES = {
-    "tiny": dict(embed_dim=64, depth=2, num_heads=2),
-    "small": dict(embed_dim=128, depth=4, num_heads=4),
-    "base": dict(embed_dim=192, depth=6, num_heads=3),
-    "large": dict(embed_dim=384, depth=6, num_heads=6),
-}
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -183,6 +174,19 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+    @property
+    def num_layers(self) -> int:
+        """Layer ids for layer-wise lr decay: 0 the embedding, 1..depth the blocks, depth + 1 above."""
+        return len(self.blocks) + 2
+
+    def layer_of(self, name: str) -> int:
+        """The layer id of one of this encoder's parameters (timm's `group_matcher`, as one call)."""
+        if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers - 1
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, 1 + N, D) tokens entering the first block."""

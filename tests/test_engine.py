@@ -54,3 +54,18 @@ def test_fit_resumes_from_its_checkpoint():
     best = final["history"][final["best_val_epoch"] - 1]
     assert final["val_acc"] == best["val_acc"] == max(m["val_acc"] for m in final["history"])  # the test's epoch
     assert final["train_loss"] == final["history"][-1]["train_loss"] and not math.isnan(final["train_loss"])
+
+
+def test_layer_ids_come_from_the_encoder_wherever_it_sits():
+    """The fusion model nests M under video.encoder: its blocks get their layer's lr scale, the temporal
+    blocks, the text projection and the cross-attention block sit above the encoder (scale 1)."""
+    from raysslvit.fusion import FusionTransformer
+    from raysslvit.video import VideoTransformer
+
+    model = FusionTransformer(VideoTransformer(VisionTransformer(ViTConfig(embed_dim=32, depth=2, num_heads=2)), 10,
+                                               clip_len=4, st_blocks=1), text_dim=8)
+    by_param = {id(p): g for g in param_groups(model, 0.05, layer_decay=0.5) for p in g["params"]}
+    scale = lambda name: by_param[id(dict(model.named_parameters())[name])]["lr_scale"]
+    assert scale("video.encoder.patch_embed.weight") == 0.125 and scale("video.encoder.blocks.0.mlp.fc1.weight") == 0.25
+    assert scale("video.temporal_blocks.0.mlp.fc1.weight") == 1.0 and scale("cross.mlp.fc1.weight") == 1.0
+    assert scale("text_proj.weight") == 1.0 and scale("video.head.weight") == 1.0

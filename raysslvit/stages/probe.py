@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from raysslvit.config import Config, ProbeConfig
 from raysslvit.data import normalize
-from raysslvit.engine import WorkerContext, lr_at
+from raysslvit.engine import WorkerContext, final_state, lr_at
 from raysslvit.launch import launch
 from raysslvit.stages.common import encoder_path, load_data, load_encoder, read_checkpoint
 from raysslvit.vit import VisionTransformer
@@ -97,8 +97,8 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     chosen = cfg.probe.features
     metrics.update({"features": chosen, "val_acc": metrics[f"val_acc_{chosen}"], "test_acc": metrics[f"test_acc_{chosen}"]})
     ctx.log("probe " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    state = {"model_config": encoder.cfg.to_dict(),
-             "best_state": {f"{k}.{n}": v for k, p in probes.items() for n, v in p.items() if isinstance(v, torch.Tensor)}}
+    state = final_state(encoder.cfg.to_dict(),
+                        {f"{k}.{n}": v for k, p in probes.items() for n, v in p.items() if isinstance(v, torch.Tensor)})
     report(metrics, state if ctx.rank == 0 else None)
     return metrics
 
