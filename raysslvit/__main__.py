@@ -10,44 +10,51 @@ from raysslvit.config import SECTIONS, Config, build_config, parse_assignments
 from raysslvit.errors import OneLineParser, UserError, run_cli
 
 COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
-          "checkpoint")
+          "checkpoint", "verbose")
+
+
+SWITCHES = ("verbose",)  # fields given as a bare flag
 
 
 def _add_fields(parser, cls, prefix: str, names=None):
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
+        if f.name in SWITCHES:
+            parser.add_argument("--" + f.name, dest=prefix + f.name, action="store_const", const="true", default=None,
+                                help="Ray's own log lines on the console too")
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=prefix + f.name, default=None, metavar=f.name.upper(),
                             help=f"(default: {f.default})" if f.default is not dataclasses.MISSING else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysslvit.stages import STAGES, STUDY
+    from raysslvit.stages import COMMANDS, STAGES
 
+    sections = {s.command: s.section for s in STAGES.values()}
     parser = OneLineParser(prog="python -m raysslvit", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True, parser_class=OneLineParser)
-    for name in ("run", *STAGES):
+    for name in ("run", *COMMANDS):
         p = sub.add_parser(name, help="the whole study" if name == "run" else f"the {name} stage")
-        own = [] if name == "run" else [f.name for f in dataclasses.fields(SECTIONS[STAGES[name][0]])]
+        own = [] if name == "run" else [f.name for f in dataclasses.fields(SECTIONS[sections[name]])]
         _add_fields(p, Config, "", COMMON)
         _add_fields(p, SECTIONS["data"], "data.")
         if name in ("run", "ssl"):  # later stages take the model shape from their checkpoint
             _add_fields(p, SECTIONS["model"], "model.", [f.name for f in dataclasses.fields(SECTIONS["model"]) if f.name not in own])
         if name != "run":
-            _add_fields(p, SECTIONS[STAGES[name][0]], f"{STAGES[name][0]}.")
+            _add_fields(p, SECTIONS[sections[name]], f"{sections[name]}.")
         else:
-            p.add_argument("--stages", default="", help=f"a subset, with what it needs: {','.join(STUDY)}")
+            p.add_argument("--stages", default="", help=f"a subset, with what it needs: {','.join(STAGES)}")
             p.add_argument("--seeds", default="", help="e.g. 0,1,2: the study once per seed, the report over all (mean ± std)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="any config field, e.g. --set finetune.epochs=10")
         p.add_argument("--fresh", action="store_true", help="ignore finished results and checkpoints")
-        p.add_argument("--verbose", action="store_true", help="Ray's own log lines on the console too")
     p = sub.add_parser("report", help="rebuild <out>/report.html, report.md and results.json from disk")
     p.add_argument("--out", required=True, help="the study's run folder")
     return parser
 
 
-RUN_ONLY = ("stage", "set", "fresh", "verbose", "stages", "seeds")
+RUN_ONLY = ("stage", "set", "fresh", "stages", "seeds")
 
 
 def config_from_args(args) -> Config:
@@ -69,17 +76,16 @@ def _seeds(text: str) -> list[int]:
 
 
 def _run(args) -> None:
-    from raysslvit import launch, report
-    from raysslvit.stages import STAGES, run_seeds
+    from raysslvit import report
+    from raysslvit.stages import run_command, run_seeds
 
     if args.stage == "report":
         report.build(os.path.abspath(args.out))
         print(f"report: {os.path.join(os.path.abspath(args.out), 'report.html')}")
         return
-    launch.VERBOSE[0] = args.verbose
     cfg = config_from_args(args)
     if args.stage != "run":
-        STAGES[args.stage][1](cfg, fresh=args.fresh)
+        run_command(args.stage, cfg, fresh=args.fresh)
         return
     results = run_seeds(cfg, _seeds(args.seeds), fresh=args.fresh, stages=args.stages)
     print("\n" + report.summary(results), flush=True)

@@ -145,10 +145,10 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
     """The same SSL `fit` through TorchTrainer and in-process: per-epoch time and whole-call time.
     `threads` > 0 gives both that many compute threads (Ray started with as many CPUs), leaving the
     other cores to Ray's own processes."""
-    from raysslvit.stages import ssl
+    from raysslvit.stages import run_command
 
     if threads:
-        from raysslvit.launch import start_ray
+        from raysslvit.console import start_ray
 
         start_ray(num_cpus=threads)
     out = {}
@@ -157,7 +157,7 @@ def bench_launcher(overrides: dict, epochs: int, threads: int = 0) -> dict:
             cfg = build_config("cpu", {**overrides, "out": tmp, "launcher": launcher, "ssl.epochs": epochs,
                                        "ssl.warmup_epochs": 0, "cpus_per_worker": threads})
             t0 = time.perf_counter()
-            metrics = ssl.run(cfg)
+            metrics = run_command("ssl", cfg)
             out[launcher] = {"epoch_s": statistics.median(m["epoch_time_s"] for m in metrics["history"]),
                              "call_s": time.perf_counter() - t0}
     return {"local_epoch_s": out["local"]["epoch_s"], "ray_epoch_s": out["ray"]["epoch_s"],
@@ -173,8 +173,8 @@ def bench_captions(blip: str, clip: str, clip_pretrained: str, images: int, batc
 
     from raysslvit.captions import caption_batches, resolve_weights
     from raysslvit.config import CaptionsConfig
+    from raysslvit.console import start_ray
     from raysslvit.data import load_splits
-    from raysslvit.launch import start_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         if not blip:

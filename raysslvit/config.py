@@ -218,6 +218,7 @@ class Config:
     launcher: str = "ray"  # ray: TorchTrainer | local: the same fit in-process, no Ray
     max_failures: int = 1
     checkpoint: str = ""  # the encoder for probe / finetune / video, and analyze's "before"; default <out>/ssl/model.pt
+    verbose: bool = False  # Ray's own log lines on the console too (no result depends on it)
     data: DataConfig = field(default_factory=DataConfig)
     model: ViTConfig = field(default_factory=ViTConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
@@ -369,6 +370,15 @@ def build_config(preset: str = "smoke", overrides: dict | None = None) -> Config
             where[name] = os.path.abspath(os.path.expanduser(where[name]))
     built = {name: cls(**sections[name]) for name, cls in SECTIONS.items()}
     return Config(**top, **built)
+
+
+def with_changes(cfg: Config, changes: dict) -> Config:
+    """`cfg` with typed values changed by key ({"video.st_blocks": 2, "checkpoint": path}), validated."""
+    top, sections = {}, {}
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (sections.setdefault(section, {}) if section else top)[name] = value
+    return dataclasses.replace(cfg, **top, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()})
 
 
 def config_from_dict(d: dict) -> Config:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
 import zipfile
 from dataclasses import dataclass
 
@@ -198,20 +197,9 @@ def load_cifar10(root: str) -> tuple:
     return (*as_np(train), *as_np(test), list(train.classes))
 
 
-# seconds the last `load_splits` of this process took: a stage's time is broken down with it
-LOAD_SECONDS = [0.0]
-
-
 def load_splits(data: str, data_dir: str = "", data_root: str = "", val_fraction: float = 0.1,
                 split_seed: int = 0) -> Splits:
     """Load a source and hold out a seeded, stratified validation split from train."""
-    started = time.perf_counter()
-    splits = _load_splits(data, data_dir, data_root, val_fraction, split_seed)
-    LOAD_SECONDS[0] = time.perf_counter() - started
-    return splits
-
-
-def _load_splits(data: str, data_dir: str, data_root: str, val_fraction: float, split_seed: int) -> Splits:
     if data == "sample":
         arrays = load_sample(os.path.join(data_root, "cache") if data_root else "")
     elif data == "cifar10":

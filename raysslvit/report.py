@@ -20,11 +20,8 @@ from matplotlib.figure import Figure
 
 from raysslvit.artifacts import atomic_path, try_read_json, write_json
 from raysslvit.errors import UserError
+from raysslvit.stages import STAGES
 
-# results.json key -> the stage's folder
-STAGES = {"ssl": "ssl", "probe": "probe", "infonce": "ssl_infonce", "infonce_probe": "probe_ssl_infonce",
-          "finetune": "finetune", "analyze": "analyze", "video_1": "video_1", "video_2": "video_2",
-          "video_mean": "video_mean", "captions": "captions", "fusion": "fusion"}
 # (results key, metric, what it is, the study's figure)
 TABLE = [
     ("probe", "test_acc_cls", "linear probe of M, final CLS (the study's protocol)", 0.3851),
@@ -47,9 +44,6 @@ ANALYZE = [("focus_entropy_before", "focus entropy of the CLS-to-patch map, M (l
            ("cka_block_after", "the same, fine-tuned model")]
 FIGURES = [("maps.png", "Similarity maps: the CLS output against each patch, M and fine-tuned"),
            ("tokens.png", "Token-by-token cosine similarity"), ("cka.png", "CKA of the CLS at every depth")]
-# the val metric each trained stage picks its epoch by
-MONITORS = {"ssl": "val_rotation_acc", "infonce": "val_pair_acc", "finetune": "val_acc", "video_1": "val_acc", "video_2": "val_acc",
-            "video_mean": "val_acc", "fusion": "val_acc"}
 
 
 def seed_dirs(out: str) -> dict[int, str]:
@@ -66,7 +60,7 @@ def load_runs(out: str) -> dict[str, dict[int, dict]]:
     runs: dict[str, dict[int, dict]] = {}
     for key, stage in STAGES.items():
         for seed, d in seed_dirs(out).items():
-            if isinstance(metrics := try_read_json(os.path.join(d, stage, "metrics.json")), dict):
+            if isinstance(metrics := try_read_json(os.path.join(d, stage.folder, "metrics.json")), dict):
                 runs.setdefault(key, {})[seed] = metrics
     return runs
 
@@ -146,8 +140,9 @@ def _wall_times(runs: dict[str, dict[int, dict]]) -> list[tuple[str, dict]]:
 def training_curves(runs: dict[str, dict[int, dict]]) -> bytes | None:
     """One figure: for every trained stage, its val metric (top) and train loss (bottom) per epoch,
     one line per seed."""
+    monitors = {key: s.monitor for key, s in STAGES.items() if s.monitor}
     histories = {key: {seed: m["history"] for seed, m in runs.get(key, {}).items() if m.get("history")}
-                 for key in MONITORS}
+                 for key in monitors}
     histories = {k: v for k, v in histories.items() if v}
     if not histories:
         return None
@@ -156,10 +151,10 @@ def training_curves(runs: dict[str, dict[int, dict]]) -> bytes | None:
     for c, (key, by_seed) in enumerate(histories.items()):
         for seed, history in by_seed.items():
             epochs = [h["epoch"] for h in history]
-            axes[0, c].plot(epochs, [h.get(MONITORS[key]) for h in history], marker=".", label=f"seed {seed}")
+            axes[0, c].plot(epochs, [h.get(monitors[key]) for h in history], marker=".", label=f"seed {seed}")
             axes[1, c].plot(epochs, [h.get("train_loss") for h in history], marker=".")
         axes[0, c].set_title(key)
-        axes[0, c].set_ylabel(MONITORS[key])
+        axes[0, c].set_ylabel(monitors[key])
         axes[1, c].set_ylabel("train_loss")
         axes[1, c].set_xlabel("epoch")
     if max(len(v) for v in histories.values()) > 1:

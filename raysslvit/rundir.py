@@ -210,6 +210,11 @@ class RunFolder:
             return None
         return latest
 
+    @staticmethod
+    def epoch_of(checkpoint: str) -> int:
+        """The epoch (1-based) a checkpoint folder of `resume_point` was written after."""
+        return try_read_json(os.path.join(checkpoint, "meta.json"))["epoch"]
+
     def clear_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 

@@ -26,13 +26,13 @@ SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 KEYS = {"description", "shared", "stages", "preset", "overrides", "space", "seeds", "metric", "mode", "scheduler",
         "num_samples", "resources"}
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
-TRAINED = ("ssl", "finetune", "video")  # stages that report every epoch
 
 
-def _stage_runners() -> dict:
-    from raysslvit.stages import STAGES
+def _commands() -> tuple[list[str], list[str]]:
+    """(the commands a trial may run, those that report every epoch), from the table of stages."""
+    from raysslvit.stages import COMMANDS, STAGES
 
-    return {name: run for name, (_, run) in STAGES.items()}
+    return COMMANDS, [c for c in COMMANDS if any(s.epochs for s in STAGES.values() if s.command == c)]
 
 
 # --- the study file -------------------------------------------------------------------------------
@@ -58,12 +58,13 @@ def load_space(name: str) -> dict:
     spec = {"preset": "smoke", "shared": [], "overrides": {}, "seeds": [0], "mode": "max", "scheduler": {"type": "none"},
             "num_samples": 1, "resources": {"trial_cpu": 1}, **spec, "path": path}
     stages = spec.get("stages")
-    if not isinstance(stages, list) or not stages or any(s not in _stage_runners() for s in stages):
-        raise UserError(f"{where}: stages must list stages of {', '.join(_stage_runners())}, got {stages!r}")
+    commands, trained = _commands()
+    if not isinstance(stages, list) or not stages or any(s not in commands for s in stages):
+        raise UserError(f"{where}: stages must list stages of {', '.join(commands)}, got {stages!r}")
     if spec["shared"] not in ([], ["ssl"]):
         raise UserError(f"{where}: shared may only hold [ssl] (model M, trained once for every trial), got {spec['shared']!r}")
-    if not any(s in TRAINED for s in stages):
-        raise UserError(f"{where}: stages must include a trained stage ({', '.join(TRAINED)}) to report epochs")
+    if not any(s in trained for s in stages):
+        raise UserError(f"{where}: stages must include a trained stage ({', '.join(trained)}) to report epochs")
     if not isinstance(spec.get("space"), dict) or not spec["space"]:
         raise UserError(f"{where}: space must map config fields to a sampler ({', '.join(SAMPLERS)})")
     if not str(spec.get("metric", "")).startswith("val_"):
@@ -113,20 +114,23 @@ def trial(config: dict, spec: dict, preset: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raysslvit.stages import run_command
+
     resources = spec["resources"]
     overrides = {**spec["overrides"], **config, "out": os.path.join(tune.get_context().get_trial_dir(), "stages"),
                  "cpus_per_worker": resources.get("cpus_per_worker", 1)}
     cfg = build_config(preset, overrides)
-    last_trained = [s for s in spec["stages"] if s in TRAINED][-1]
-    final, runners = {}, _stage_runners()
+    trained = _commands()[1]
+    last_trained = [s for s in spec["stages"] if s in trained][-1]
+    final = {}
     for stage in spec["stages"]:
         if stage == last_trained:  # in-process (--set launcher=local), the trial reports each epoch itself
             hooks = ({"callbacks": [TuneReportCallback()]} if cfg.launcher == "ray" else
                      {"on_epoch": lambda m: tune.report({k: v for k, v in m.items() if k != "history"})})
-            result = runners[stage](cfg, **hooks)
+            result = run_command(stage, cfg, **hooks)
         else:  # earlier stages do not report to Tune; probe and analyze need no TorchTrainer
-            local = stage not in TRAINED and cfg.launcher == "ray"
-            result = runners[stage](replace(cfg, launcher="local") if local else cfg)
+            local = stage not in trained and cfg.launcher == "ray"
+            result = run_command(stage, replace(cfg, launcher="local") if local else cfg)
         final.update({f"{stage}.{k}": v for k, v in result.items() if isinstance(v, (int, float)) and k != "history"})
     metric = spec["metric"]
     tune.report({**final, metric: final[f"{last_trained}.{metric}"], "stages_done": True})
@@ -172,7 +176,8 @@ def run_study(args):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from raysslvit.launch import start_ray
+    from raysslvit.console import start_ray
+    from raysslvit.stages import run_command
 
     spec = load_space(args.space)
     preset = args.preset or spec["preset"]
@@ -186,13 +191,13 @@ def run_study(args):
     storage = args.storage_path if "://" in args.storage_path else os.path.abspath(args.storage_path)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    start_ray(log_to_driver=True)  # Tune's console shows its trials' lines
+    start_ray(verbose=False, log_to_driver=True)  # Tune's console shows its trials' lines
     path = os.path.join(storage, name)
     if spec["shared"] and "checkpoint" not in spec["overrides"]:  # M once for every trial (reused while unchanged)
         if "://" in storage:
             raise UserError("a study with shared stages needs a local --storage-path")
         shared = build_config(preset, {**spec["overrides"], "out": os.path.join(path, "shared")})
-        _stage_runners()["ssl"](shared)
+        run_command("ssl", shared)
         spec["overrides"]["checkpoint"] = os.path.join(shared.out_dir, "ssl", "model.pt")
     sched = spec["scheduler"]
     scheduler = ASHAScheduler(grace_period=sched.get("grace_period", 1), max_t=10**6) if sched["type"] == "asha" else None

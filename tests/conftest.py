@@ -37,7 +37,7 @@ def tiny_weights(tmp_path_factory) -> dict:
 def ray_local():
     import ray
 
-    from raysslvit.launch import start_ray
+    from raysslvit.console import start_ray
 
     start_ray(num_cpus=2, include_dashboard=False)
     yield ray
@@ -58,10 +58,11 @@ def write_space(tmp_path, **changes) -> str:
 def tune_study(tmp_path_factory):
     """A real two-trial Tune study, interrupted with Ctrl-C once its first trial finished, then
     finished with --resume. Returns its folder, the first trial's records before the resume, and
-    the resumed run."""
+    the resumed run. Its trials train in-process (a TorchTrainer inside a trial: test_launch)."""
     tmp = tmp_path_factory.mktemp("tune")
     root = os.path.join(os.path.dirname(__file__), "..")
-    args = [sys.executable, "-m", "raysslvit.tune", "--space", write_space(tmp), "--storage-path", str(tmp / "t")]
+    args = [sys.executable, "-m", "raysslvit.tune", "--space", write_space(tmp), "--storage-path", str(tmp / "t"),
+            "--set", "launcher=local"]
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finished = lambda: [p for p in glob.glob(str(tmp / "t" / "study" / "trial_*" / "result.json"))

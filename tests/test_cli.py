@@ -1,4 +1,8 @@
-"""Every input a user can get wrong ends in one clear line on stderr and exit code 2."""
+"""Every input a user can get wrong ends in one clear line on stderr and exit code 2. The CLI runs
+in this process (`main`), as `python -m raysslvit` would; one test runs the real command, for its
+exit code."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -12,10 +16,17 @@ from test_data import write_tree
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def cli(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "raysslvit", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
+def cli(*args, main=None) -> subprocess.CompletedProcess:
+    """`python -m raysslvit ARGS` in this process: its exit code, stdout and stderr."""
+    from raysslvit.__main__ import main as raysslvit_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = (main or raysslvit_main)(list(args))
+        except SystemExit as e:  # argparse's own exit
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result, *needles):
@@ -83,6 +94,14 @@ def test_analyze_needs_both_models(tmp_path):
 def test_unknown_flag_and_stage():
     assert_one_line_error(cli("ssl", "--no-such-flag", "1"), "unrecognized arguments")
     assert_one_line_error(cli("nonsense"), "invalid choice")
+
+
+def test_the_real_command_offline_without_caption_weights_exits_with_2_and_one_line(tmp_path):
+    """In a new Python, as a shell runs it (the hub's offline switch is read when it is imported)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "raysslvit", "captions", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert_one_line_error(r, "BLIP 'Salesforce/blip-image-captioning-base'", "CLIP ViT-B-32", "--blip-model PATH")
 
 
 def test_a_failed_call_loses_nothing_written(tmp_path):

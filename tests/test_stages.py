@@ -8,13 +8,13 @@ import torch
 
 from raysslvit.artifacts import read_json
 from raysslvit.config import build_config
-from raysslvit.stages import finetune, probe, ssl, video
+from raysslvit.stages import run_command
 from raysslvit.stages.common import load_encoder
 
 
 def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local, capfd):
     cfg = build_config("smoke", {"out": str(tmp_path), "ssl.epochs": 2})
-    metrics = ssl.run(cfg)
+    metrics = run_command("ssl", cfg)
     console = capfd.readouterr()
     assert len(metrics["history"]) == 2 and 0 <= metrics["val_rotation_acc"] <= 1
     # the workers' epoch lines reach the console through the progress channel; Ray's own noise does not
@@ -29,7 +29,7 @@ def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local, capfd):
 def test_video_through_a_real_torchtrainer(tmp_path, smoke_run, ray_local):
     cfg = build_config("smoke", {"out": str(tmp_path), "checkpoint": str(smoke_run / "ssl" / "model.pt"),
                                  "video.epochs": 1, "video.st_blocks": 2})
-    metrics = video.run(cfg)
+    metrics = run_command("video", cfg)
     assert 0 <= metrics["test_acc"] <= 1 and os.listdir(tmp_path / "video_2" / "checkpoints")[0].startswith("ray-")
 
 
@@ -69,7 +69,7 @@ def test_finetune_starts_from_model_m(smoke_run):
 def test_a_finished_stage_is_skipped(smoke_run, capsys):
     before = (smoke_run / "ssl" / "metrics.json").read_text()
     cfg = build_config("smoke", {"out": str(smoke_run)})
-    assert ssl.run(cfg)["val_rotation_acc"] == json.loads(before)["val_rotation_acc"]
+    assert run_command("ssl", cfg)["val_rotation_acc"] == json.loads(before)["val_rotation_acc"]
     assert "done already" in capsys.readouterr().out
     assert (smoke_run / "ssl" / "metrics.json").read_text() == before
 
@@ -77,11 +77,11 @@ def test_a_finished_stage_is_skipped(smoke_run, capsys):
 def test_local_launcher_runs_the_same_fit(tmp_path, smoke_run):
     cfg = build_config("smoke", {"out": str(tmp_path), "launcher": "local",
                                  "checkpoint": str(smoke_run / "ssl" / "model.pt"), "finetune.epochs": 2})
-    metrics = finetune.run(cfg)
+    metrics = run_command("finetune", cfg)
     assert len(metrics["history"]) == 2 and os.path.exists(tmp_path / "finetune" / "model.pt")
     cfg = build_config("smoke", {"out": str(tmp_path), "launcher": "local", "probe.features": "cls",
                                  "checkpoint": str(smoke_run / "ssl" / "model.pt")})
-    p = probe.run(cfg)
+    p = run_command("probe", cfg)
     assert p["test_acc"] == p["test_acc_cls"]
 
 
@@ -92,7 +92,7 @@ def test_the_seed_decides_a_run_in_either_launcher(tmp_path, smoke_run, ray_loca
     for launcher, out in (("local", "a"), ("local", "b"), ("ray", "c")):
         cfg = build_config("smoke", {"out": str(tmp_path / out), "launcher": launcher, "finetune.epochs": 2,
                                      "checkpoint": str(smoke_run / "ssl" / "model.pt")})
-        runs.append([{k: v for k, v in m.items() if k != "epoch_time_s"} for m in finetune.run(cfg)["history"]])
+        runs.append([{k: v for k, v in m.items() if k != "epoch_time_s"} for m in run_command("finetune", cfg)["history"]])
     assert runs[1] == runs[0] and runs[2] == runs[0]
 
 
@@ -120,3 +120,19 @@ def test_video_stages_write_their_keys(smoke_run):
         assert {"val_acc", "test_acc", "train_acc", "best_val_epoch", "spatial_acc"} <= set(m), stage
         assert 0 <= m["test_acc"] <= 1
     assert read_json(smoke_run / "video_1" / "config.json")["config"]["video"]["st_blocks"] == 1
+
+
+def test_the_table_of_stages_is_whole(smoke_run):
+    """Every record runs one way (workers or the driver), needs only earlier steps, and the command
+    it is reached by, configured as the study does, finds it again and its folder."""
+    from raysslvit.config import SECTIONS, with_changes
+    from raysslvit.stages import COMMANDS, STAGES, for_command
+
+    cfg = build_config("smoke", {"out": str(smoke_run)})
+    order = list(STAGES)
+    for key, stage in STAGES.items():
+        assert (stage.worker is None) != (stage.local is None), key
+        assert stage.section in SECTIONS and stage.command in COMMANDS and stage.epochs == bool(stage.monitor), key
+        assert all(order.index(n) < order.index(key) for n in stage.needs), key
+        assert for_command(stage.command, with_changes(cfg, stage.variant(cfg))) == stage, key
+        assert (smoke_run / stage.folder / "metrics.json").exists() or key in ("captions", "fusion"), key

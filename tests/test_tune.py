@@ -1,21 +1,18 @@
 """Ray Tune studies: study files are checked before any trial starts; a small study runs for real,
 writes its table, and an interrupted one finishes with --resume without redoing finished trials."""
 import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 from raysslvit.tune import SPACES_DIR, check_points, load_space, main
 from conftest import write_space
-from test_cli import ROOT, assert_one_line_error
+from test_cli import assert_one_line_error, cli
 
 
-def tune_cli(*args, **kw):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "raysslvit.tune", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600, **kw)
+def tune_cli(*args):
+    """`python -m raysslvit.tune ARGS` in this process."""
+    return cli(*args, main=main)
 
 
 def test_every_shipped_study_file_is_valid():

@@ -1,6 +1,7 @@
-"""Two Ray nodes on one machine (loopback, 1 CPU each): a two-worker TorchTrainer stage runs across
-both, one worker per node, on disjoint shards. Both nodes are stopped even when the test fails;
-only the processes this test started are stopped (`ray stop` would also end other tests' Ray)."""
+"""Two Ray nodes on one machine (loopback, 1 CPU each): the study's trained stages run on one
+two-worker TorchTrainer group across both, one worker per node, each stage on disjoint shards (the
+two-worker DDP test too). Both nodes are stopped even when the test fails; only the processes this
+test started are stopped (`ray stop` would also end other tests' Ray)."""
 import json
 import os
 import socket
@@ -40,12 +41,16 @@ def test_a_stage_runs_across_two_nodes(tmp_path):
         while subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() != "2":
             assert time.time() < deadline, "the second node did not join"
             time.sleep(1)
-        run = subprocess.run([sys.executable, "-m", "raysslvit", "ssl", "--out", str(tmp_path), "--num-workers", "2",
-                              "--cpus-per-worker", "1", "--epochs", "1"], env=env, cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+        one_epoch = [f"--set={s}.epochs=1" for s in ("ssl", "finetune", "video")]
+        run = subprocess.run([sys.executable, "-m", "raysslvit", "run", "--out", str(tmp_path), "--num-workers", "2",
+                              "--cpus-per-worker", "1", "--stages", "finetune,video_1,video_2,video_mean", *one_epoch],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        first = json.loads((tmp_path / "ssl" / "metrics.json").read_text())["history"][0]
-        assert first["train_images"] == 2250 and first["train_images_repeated"] == 0  # disjoint shards
+        # 225 images per class: 14 clips of 16 each, 140 clips dealt to 2 ranks
+        for stage, images in (("ssl", 2250), ("finetune", 2250), ("video_1", 2240), ("video_2", 2240), ("video_mean", 2240)):
+            first = json.loads((tmp_path / stage / "metrics.json").read_text())["history"][0]
+            assert first["train_images"] == images and first["train_images_repeated"] == 0, stage  # disjoint shards
+        assert run.stdout.count("starting (Ray Train, 2 worker(s))") == 5
         where = [sys.executable, "-c", "from ray.util.state import list_actors; print(sorted({a.node_id for a in "
                  f"list_actors(address='http://127.0.0.1:{dash}', filters=[('class_name', '=', 'RayTrainWorker')], "
                  "limit=100)}))"]

@@ -1,83 +1,155 @@
-"""One module per stage; each has `run(cfg, fresh)`; the trained ones also a `worker` (runs on a
-Ray Train worker or in-process). `run_study` chains them into the study."""
+"""The one table of stages (STAGES), and the driver that runs any of them in its folder.
+
+Every step of the study is a `Stage` record: its results key and folder, the command and config
+section whose fields are its flags, the steps it needs, how the study configures it from the run's
+config, the files it reads (resolved and checked once, on the driver, then handed to the workers by
+value), its worker (trained under the launcher) or its driver-side function, whether it reports
+epochs and the val metric of its curves. The CLI, `run`, the report and Tune read this table;
+adding a stage is one record plus one worker function.
+"""
+from __future__ import annotations
+
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from raysslvit.artifacts import write_json
-from raysslvit.config import Config
+from raysslvit.config import Config, with_changes
 from raysslvit.errors import UserError
+from raysslvit.launch import Job, WorkerFn, launch
+from raysslvit.rundir import RunFolder, load_state, stage_fingerprint
 from raysslvit.stages import analyze, captions, finetune, fusion, probe, ssl, video
+from raysslvit.stages.common import encoder_path, load_data, read_checkpoint
 
-# stage name -> (config section whose fields are its CLI flags, run function)
-STAGES = {
-    "ssl": ("ssl", ssl.run),
-    "probe": ("probe", probe.run),
-    "finetune": ("finetune", finetune.run),
-    "analyze": ("analyze", analyze.run),
-    "video": ("video", video.run),
-    "captions": ("captions", captions.run),
-    "fusion": ("fusion", fusion.run),
-}
 
-# The study's steps in order (the report's keys), each with the steps it needs.
-STUDY = {
-    "ssl": (), "probe": ("ssl",), "infonce": (), "infonce_probe": ("infonce",), "finetune": ("ssl",),
-    "analyze": ("ssl", "finetune"), "video_1": ("ssl",), "video_2": ("ssl",), "video_mean": ("ssl",),
-    "captions": (), "fusion": ("video_2", "captions"),
-}
+def m_input(cfg: Config) -> dict[str, str]:
+    """The encoder a stage starts from: --checkpoint or this run's M, checked on the driver."""
+    return {"checkpoint": encoder_path(cfg)}
+
+
+def hand_checkpoints(cfg: Config, paths: dict, splits) -> dict:
+    """What workers of an encoder stage are handed: the checkpoint's weights themselves."""
+    return {"checkpoint": read_checkpoint(paths["checkpoint"])}
+
+
+def hand_video(cfg: Config, paths: dict, splits) -> dict:
+    video.check_clips(cfg, splits)
+    return hand_checkpoints(cfg, paths, splits)
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str  # results.json key and `run --stages` name
+    folder: str  # <out>/<folder>/ in the study
+    command: str  # `python -m raysslvit <command>`
+    section: str  # config section: the command's own flags, and its part of the fingerprint
+    needs: tuple[str, ...] = ()  # steps of the study whose outputs it reads
+    variant: Callable[[Config], dict] = lambda cfg: {}  # how the study configures it ({"video.st_blocks": 2})
+    folder_of: Callable[[Config], str] | None = None  # the command's folder for a config (default: folder)
+    inputs: Callable[[Config], dict[str, str]] = lambda cfg: {}  # files it reads: checked, fingerprinted
+    hand: Callable = lambda cfg, paths, splits: {}  # on the driver: what its workers are handed, by value
+    worker: WorkerFn | None = None  # trained under the launcher (Ray Train or in-process) ...
+    local: Callable | None = None  # ... or run on the driver: (cfg, folder, paths, splits) -> metrics
+    fingerprint: Callable[[Config, dict], dict] | None = None  # default: stage_fingerprint of its section
+    epochs: bool = False  # reports every epoch (Tune can stop it early)
+    monitor: str | None = None  # the val metric of its training curve
+    unavailable: Callable[[Config], str | None] = lambda cfg: None  # why it cannot run here (`run` skips it)
+    ray_actors: bool = False  # runs Ray actors of its own on the driver: a worker group must free its CPUs first
+
+
+_ENCODER = dict(inputs=m_input, hand=hand_checkpoints, needs=("ssl",))
+_VIDEO = dict(command="video", section="video", folder_of=video.folder, inputs=m_input, hand=hand_video,
+              needs=("ssl",), worker=video.worker, epochs=True, monitor="val_acc")
+
+STAGES = {s.key: s for s in [
+    Stage("ssl", "ssl", "ssl", "ssl", folder_of=ssl.folder, worker=ssl.worker, epochs=True, monitor="val_rotation_acc"),
+    Stage("probe", "probe", "probe", "probe", folder_of=probe.folder, worker=probe.worker, **_ENCODER),
+    Stage("infonce", "ssl_infonce", "ssl", "ssl", variant=lambda cfg: {"ssl.objective": "infonce"},
+          folder_of=ssl.folder, worker=ssl.worker, epochs=True, monitor="val_pair_acc"),
+    Stage("infonce_probe", "probe_ssl_infonce", "probe", "probe", folder_of=probe.folder, worker=probe.worker,
+          variant=lambda cfg: {"checkpoint": os.path.join(cfg.out_dir, STAGES["infonce"].folder, "model.pt")},
+          inputs=m_input, hand=hand_checkpoints, needs=("infonce",)),
+    Stage("finetune", "finetune", "finetune", "finetune", worker=finetune.worker, epochs=True, monitor="val_acc",
+          **_ENCODER),
+    Stage("analyze", "analyze", "analyze", "analyze", needs=("ssl", "finetune"), inputs=analyze.inputs,
+          local=analyze.local),
+    Stage("video_1", "video_1", variant=lambda cfg: {"video.st_blocks": 1}, **_VIDEO),
+    Stage("video_2", "video_2", variant=lambda cfg: {"video.st_blocks": 2}, **_VIDEO),
+    Stage("video_mean", "video_mean", variant=lambda cfg: {"video.temporal": "mean"}, **_VIDEO),
+    Stage("captions", "captions", "captions", "captions", local=captions.local, fingerprint=captions.fingerprint,
+          unavailable=captions.unavailable, ray_actors=True),
+    Stage("fusion", "fusion", "fusion", "fusion", needs=("video_2", "captions"), inputs=fusion.inputs,
+          hand=fusion.hand, worker=fusion.worker, epochs=True, monitor="val_acc"),
+]}
+# `python -m raysslvit <command>`, in the study's order
+COMMANDS = list(dict.fromkeys(s.command for s in STAGES.values()))
+
+
+def for_command(command: str, cfg: Config) -> Stage:
+    """The record a command runs with this config: the study's step of the same folder (`video
+    --st-blocks 2` is video_2), else the command's first record in the folder the config names."""
+    first = next(s for s in STAGES.values() if s.command == command)
+    folder = first.folder_of(cfg) if first.folder_of else first.folder
+    return next((s for s in STAGES.values() if s.command == command and s.folder == folder),
+                replace(first, key=folder, folder=folder))
+
+
+def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable[[dict], None] | None = None,
+              callbacks: list | None = None, group=None) -> dict:
+    """Any stage in `<out>/<folder>/`: its inputs resolved and checked on the driver, skipped when a
+    verified result of the same fingerprint exists, resumed from a checkpoint of it, else run (its
+    workers handed the data and the inputs' contents); one process at a time in a folder. `group`:
+    an open Ray Train worker group to run on (`run_study` keeps one for consecutive stages)."""
+    paths = stage.inputs(cfg)
+    fp = stage.fingerprint(cfg, paths) if stage.fingerprint else stage_fingerprint(cfg, stage.section, paths)
+    folder = RunFolder(cfg.out_dir, stage.folder, fp)
+    with folder.claim():
+        if fresh:
+            folder.clear_checkpoints()
+        elif (done := folder.finished()) is not None:
+            return done
+        started = time.perf_counter()
+        splits = load_data(cfg)  # decoded and validated once per process, before any worker starts
+        if stage.local:
+            return stage.local(cfg, folder, paths, splits)
+        given = stage.hand(cfg, paths, splits)
+        resume = None if fresh else folder.resume_point()
+        job = Job(stage.folder, cfg, stage.worker, splits, given, fp, resume=load_state(resume),
+                  resumed_after_epoch=folder.epoch_of(resume) if resume else None)
+        return launch(folder, job, paths, on_epoch, callbacks, decode_s=time.perf_counter() - started, group=group)
+
+
+def run_command(command: str, cfg: Config, fresh: bool = False, **hooks) -> dict:
+    """`python -m raysslvit <command>`: its record for this config, run in its folder."""
+    return run_stage(for_command(command, cfg), cfg, fresh, **hooks)
 
 
 def study_steps(names: str = "") -> list[str]:
     """`--stages a,b` with every prerequisite, in the study's order; empty: all of them."""
-    wanted = [n.strip() for n in names.split(",") if n.strip()] or list(STUDY)
-    unknown = [n for n in wanted if n not in STUDY]
+    wanted = [n.strip() for n in names.split(",") if n.strip()] or list(STAGES)
+    unknown = [n for n in wanted if n not in STAGES]
     if unknown:
-        raise UserError(f"unknown stage {unknown[0]!r} in --stages: use {', '.join(STUDY)}")
+        raise UserError(f"unknown stage {unknown[0]!r} in --stages: use {', '.join(STAGES)}")
     needed: set[str] = set()
 
     def add(step: str):
         if step not in needed:
             needed.add(step)
-            for pre in STUDY[step]:
+            for pre in STAGES[step].needs:
                 add(pre)
 
     for step in wanted:
         add(step)
-    return [s for s in STUDY if s in needed]
-
-
-def _infonce(cfg: Config) -> Config:
-    """The InfoNCE baseline: SimCLR's objective, same encoder, probed the same way."""
-    baseline = replace(cfg, ssl=replace(cfg.ssl, objective="infonce"))
-    return replace(baseline, checkpoint=os.path.join(cfg.out_dir, ssl.stage_name(baseline), "model.pt"))
-
-
-def _video(cfg: Config, **change) -> Config:
-    return replace(cfg, video=replace(cfg.video, **change))
-
-
-STEPS = {
-    "ssl": lambda cfg, fresh: ssl.run(cfg, fresh),
-    "probe": lambda cfg, fresh: probe.run(cfg, fresh),
-    "infonce": lambda cfg, fresh: ssl.run(_infonce(cfg), fresh),
-    "infonce_probe": lambda cfg, fresh: probe.run(_infonce(cfg), fresh),
-    "finetune": lambda cfg, fresh: finetune.run(cfg, fresh),
-    "analyze": lambda cfg, fresh: analyze.run(cfg, fresh),
-    "video_1": lambda cfg, fresh: video.run(_video(cfg, st_blocks=1), fresh),
-    "video_2": lambda cfg, fresh: video.run(_video(cfg, st_blocks=2), fresh),
-    "video_mean": lambda cfg, fresh: video.run(_video(cfg, temporal="mean"), fresh),
-    "captions": lambda cfg, fresh: captions.run(cfg, fresh),
-    "fusion": lambda cfg, fresh: fusion.run(cfg, fresh),
-}
+    return [s for s in STAGES if s in needed]
 
 
 def run_study(cfg: Config, fresh: bool = False, stages: str = "") -> dict:
     """The study's steps in order (`stages`: a subset, with prerequisites); finished stages are
-    skipped, interrupted ones resume. Captions and fusion are skipped, with a line saying why, where
-    they cannot run here (no weights). `<out>/study.json` keeps what was skipped and the wall time,
-    for the report."""
+    skipped, interrupted ones resume. A stage that cannot run here (captions without weights) is
+    skipped with a line saying why, and so is what needs it. `<out>/study.json` keeps what was
+    skipped and the wall time, for the report."""
     started = time.perf_counter()
     steps, results, skipped = study_steps(stages), {}, {}
     bar = None
@@ -85,19 +157,34 @@ def run_study(cfg: Config, fresh: bool = False, stages: str = "") -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=len(steps), desc="study", unit="stage", leave=False)
-    for step in steps:
-        if step == "captions" and (why := captions.unavailable(cfg)):
-            skipped["captions"] = skipped["fusion"] = {"skipped": why}
-            print(f"captions, fusion: skipped: {why}", flush=True)
-        if step in skipped:
-            results[step] = skipped[step]
-        else:
-            results[step] = STEPS[step](cfg, fresh)
-        if bar is not None:
-            bar.update()
+    group = None
+    if cfg.launcher == "ray":  # one worker group for the study's trained stages (docs/benchmark.md)
+        from raysslvit.backend_ray import WorkerGroup
+
+        group = WorkerGroup(cfg, verbose=cfg.verbose)
+    try:
+        for key in steps:
+            stage = STAGES[key]
+            if blocked := [n for n in stage.needs if n in skipped]:
+                skipped[key] = skipped[blocked[0]]
+                print(f"{key}: skipped (it needs {blocked[0]})", flush=True)
+            elif why := stage.unavailable(cfg):
+                skipped[key] = why
+                print(f"{key}: skipped: {why}", flush=True)
+            else:
+                if stage.ray_actors and group is not None:
+                    group.close()
+                results[key] = run_stage(stage, with_changes(cfg, stage.variant(cfg)), fresh, group=group)
+            if key in skipped:
+                results[key] = {"skipped": skipped[key]}
+            if bar is not None:
+                bar.update()
+    finally:
+        if group is not None:
+            group.close()
     if bar is not None:
         bar.close()
-    write_json(os.path.join(cfg.out_dir, "study.json"), {"steps": steps, "skipped": {k: v["skipped"] for k, v in skipped.items()},
+    write_json(os.path.join(cfg.out_dir, "study.json"), {"steps": steps, "skipped": skipped,
                                                          "wall_s": time.perf_counter() - started})
     return results
 

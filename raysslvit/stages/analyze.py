@@ -19,8 +19,8 @@ from raysslvit.data import normalize
 from raysslvit.errors import UserError
 from raysslvit.metrics.cka import cka_matrix, linear_cka, minibatch_cka
 from raysslvit.metrics.similarity import cls_patch_similarity, focus, similarity_map, token_similarity
-from raysslvit.rundir import RunFolder, file_digest, saved_fingerprint, stage_fingerprint
-from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.rundir import RunFolder, file_digest, saved_fingerprint
+from raysslvit.stages.common import encoder_path, load_encoder
 from raysslvit.vit import VisionTransformer
 
 
@@ -106,7 +106,7 @@ def _save(fig, path):
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def model_paths(cfg: Config) -> dict[str, str]:
+def inputs(cfg: Config) -> dict[str, str]:
     """before: --before, --checkpoint or this run's M; after: --after, or the fine-tuned model of
     `before` in this run, which must have been fine-tuned from exactly those weights."""
     a = cfg.analyze
@@ -124,21 +124,11 @@ def model_paths(cfg: Config) -> dict[str, str]:
     return {"before": before, "after": after}
 
 
-def run(cfg: Config, fresh: bool = False) -> dict:
+def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
+    """Runs on the driver (forward passes only) and writes the figures, the arrays and the result."""
     started = time.perf_counter()
     a = cfg.analyze
-    paths = model_paths(cfg)
     models = {k: load_encoder(p) for k, p in paths.items()}
-    folder = RunFolder(cfg.out_dir, "analyze", stage_fingerprint(cfg, "analyze", paths))
-    with folder.claim():
-        if not fresh and (done := folder.finished()) is not None:
-            return done
-        return _analyze(cfg, folder, paths, models, started)
-
-
-def _analyze(cfg: Config, folder: RunFolder, paths: dict, models: dict, started: float) -> dict:
-    a = cfg.analyze
-    splits = load_data(cfg)
     x, y = splits.test_x, splits.test_y
     samples = [int(i) for i in a.samples] or pick_samples(y, 3, cfg.seed)
     if max(samples) >= len(y):
@@ -167,5 +157,5 @@ def _analyze(cfg: Config, folder: RunFolder, paths: dict, models: dict, started:
         np.savez(f, **arrays)
     metrics["timing"] = {"wall_s": time.perf_counter() - started}
     folder.write(cfg, metrics, inputs=paths)
-    print("analyze " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+    print("analyze: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
     return metrics

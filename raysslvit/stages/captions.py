@@ -17,7 +17,6 @@ import numpy as np
 from raysslvit.artifacts import atomic_path
 from raysslvit.config import Config
 from raysslvit.rundir import RunFolder, stage_fingerprint
-from raysslvit.stages.common import load_data
 
 SPLITS = ("train", "val", "test")
 TABLE = "captions.parquet"
@@ -70,26 +69,24 @@ def _write_part(folder: str, k: int, batch) -> None:
     batch.to_parquet(os.path.join(folder, f"part-{k:05d}.parquet"), index=False)
 
 
-def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
+def fingerprint(cfg: Config, paths: dict) -> dict:
+    """The data and the weights' identity (model ids and their files); missing weights fail here,
+    at once, before Ray starts. Captioning draws nothing at random: no seed."""
     from raysslvit.captions import resolve_weights, weights_identity
 
-    weights = resolve_weights(cfg.captions)  # missing weights fail here, at once, before Ray starts
-    splits = load_data(cfg)
-    fingerprint = {**stage_fingerprint(cfg, "captions"), "weights": weights_identity(weights)}
-    fingerprint.pop("seed")  # captioning draws nothing at random
-    folder = RunFolder(cfg.out_dir, "captions", fingerprint)
-    with folder.claim():
-        if not fresh and (done := folder.finished()) is not None:
-            return done
-        return _caption(cfg, folder, splits, weights)
+    fp = {**stage_fingerprint(cfg, "captions"), "weights": weights_identity(resolve_weights(cfg.captions))}
+    fp.pop("seed")
+    return fp
 
 
-def _caption(cfg: Config, folder: RunFolder, splits, weights: dict) -> dict:
+def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
+    """On the driver: the Ray Data pipeline's rows into parts, then the table, atomically."""
     import pandas as pd
 
-    from raysslvit.captions import caption_batches, label_word_rate
-    from raysslvit.launch import start_ray
+    from raysslvit.console import start_ray
+    from raysslvit.captions import caption_batches, label_word_rate, resolve_weights
 
+    weights = resolve_weights(cfg.captions)
     table, partial = os.path.join(folder.path, TABLE), os.path.join(folder.path, PARTS)
     if os.path.isdir(partial):
         print(f"captions: removing the partial table of an interrupted run ({partial}): starting clean", flush=True)
@@ -100,7 +97,7 @@ def _caption(cfg: Config, folder: RunFolder, splits, weights: dict) -> dict:
     meta = {"id": sum((splits.image_ids(s) for s in SPLITS), []),
             "split": sum(([s] * len(splits.split(s)[1]) for s in SPLITS), []),
             "label": np.concatenate([splits.split(s)[1].numpy() for s in SPLITS])}
-    start_ray()
+    start_ray(verbose=cfg.verbose)
     import ray
 
     use_gpu = cfg.use_gpu != "false" and ray.cluster_resources().get("GPU", 0) > 0

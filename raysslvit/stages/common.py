@@ -1,4 +1,5 @@
-"""What the stages share: the data on the worker's device and the encoder from a checkpoint."""
+"""What the stages share, resolved on the driver: the data (decoded and validated once per process)
+and the encoder weights a stage starts from (checked once, then handed to workers by value)."""
 from __future__ import annotations
 
 import os
@@ -7,15 +8,22 @@ from dataclasses import replace
 import torch
 
 from raysslvit.config import Config
-from raysslvit.data import Splits, load_splits
+from raysslvit.data import Splits, load_splits, source_digest
 from raysslvit.errors import UserError
 from raysslvit.vit import ViTConfig, VisionTransformer
 
+_decoded: dict[tuple, Splits] = {}
 
-def load_data(cfg: Config, device=None) -> Splits:
+
+def load_data(cfg: Config) -> Splits:
+    """The config's splits, decoded (and so validated) once per process while the source's content
+    is unchanged: every stage of a study uses the same ones."""
     d = cfg.data
-    splits = load_splits(d.data, d.data_dir, d.data_root, d.val_fraction, d.split_seed)
-    return splits.to(device) if device is not None else splits
+    key = (d.data, d.data_dir, d.data_root, d.val_fraction, d.split_seed, source_digest(d.data, d.data_dir))
+    if key not in _decoded:
+        _decoded.clear()  # one source at a time: a study uses one
+        _decoded[key] = load_splits(d.data, d.data_dir, d.data_root, d.val_fraction, d.split_seed)
+    return _decoded[key]
 
 
 def encoder_path(cfg: Config, default_stage: str = "ssl") -> str:
@@ -36,16 +44,19 @@ def read_checkpoint(path: str) -> dict:
         raise
     except Exception as e:
         raise UserError(f"not a raysslvit checkpoint: {path} ({type(e).__name__})") from None
+    if not any(k.startswith("encoder.") for k in saved["state_dict"]):
+        raise UserError(f"{path} holds no encoder (it is a {saved['stage']} result)")
     return saved
 
 
-def load_encoder(path: str, **changes) -> VisionTransformer:
-    """The encoder of any raysslvit model.pt (its config travels with it), optionally reconfigured
-    (e.g. drop_path for fine-tuning)."""
-    saved = read_checkpoint(path)
+def encoder_from(saved: dict, **changes) -> VisionTransformer:
+    """The encoder of a checkpoint of `read_checkpoint` (its config travels with it), optionally
+    reconfigured (e.g. drop_path for fine-tuning)."""
     encoder = VisionTransformer(replace(ViTConfig(**saved["model_config"]), **changes))
-    weights = {k.removeprefix("encoder."): v for k, v in saved["state_dict"].items() if k.startswith("encoder.")}
-    if not weights:
-        raise UserError(f"{path} holds no encoder (it is a {saved['stage']} result)")
-    encoder.load_state_dict(weights)
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in saved["state_dict"].items() if k.startswith("encoder.")})
     return encoder
+
+
+def load_encoder(path: str, **changes) -> VisionTransformer:
+    """The encoder of any raysslvit model.pt."""
+    return encoder_from(read_checkpoint(path), **changes)

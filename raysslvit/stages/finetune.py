@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raysslvit.config import Config, FinetuneConfig
+from raysslvit.config import FinetuneConfig
 from raysslvit.data import normalize
 from raysslvit.engine import WorkerContext, accuracy, fit
-from raysslvit.launch import launch
-from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.stages.common import encoder_from
 from raysslvit.vit import Classifier
 
 
@@ -45,15 +44,8 @@ class ClassificationTask:
                 "train_acc": self._accuracy(model, splits.train_x[:n], splits.train_y[:n])}
 
 
-def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
-    splits = load_data(cfg, ctx.device)
-    encoder = load_encoder(encoder_path(cfg), drop_path=cfg.finetune.drop_path)
+def worker(job, ctx: WorkerContext, report, resume) -> dict:
+    cfg, splits = job.cfg, job.splits
+    encoder = encoder_from(job.given["checkpoint"], drop_path=cfg.finetune.drop_path)
     task = ClassificationTask(cfg.finetune, Classifier(encoder, len(splits.classes)))
     return fit(task, splits, cfg.finetune, ctx, report, resume, seed=cfg.seed, layer_decay=cfg.finetune.layer_decay)
-
-
-def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
-    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
-    load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
-    load_data(cfg)
-    return launch("finetune", "finetune", worker, cfg, fresh, {"checkpoint": encoder_path(cfg)}, **hooks)

@@ -17,15 +17,14 @@ import torch
 
 from raysslvit.captions import label_word_rate
 from raysslvit.config import Config, ProbeConfig
-from raysslvit.data import ClipSampler, Splits
+from raysslvit.data import Splits
 from raysslvit.engine import WorkerContext, fit, predict
 from raysslvit.errors import UserError
 from raysslvit.fusion import FusionTransformer
-from raysslvit.launch import launch
 from raysslvit.stages.captions import load_table, table_path
-from raysslvit.stages.common import encoder_path, load_data, load_encoder, read_checkpoint
+from raysslvit.stages.common import encoder_from, encoder_path, read_checkpoint
 from raysslvit.stages.probe import probe_accuracy, train_linear_probes
-from raysslvit.stages.video import ClipTask, frame_features, static_accuracy
+from raysslvit.stages.video import ClipTask, clip_batcher, frame_features, static_accuracy
 from raysslvit.video import VideoTransformer
 
 
@@ -45,9 +44,8 @@ def video_path(cfg: Config) -> str | None:
     return default if os.path.isfile(default) else None
 
 
-def caption_embeddings(cfg: Config, splits: Splits) -> tuple[dict, dict]:
+def caption_embeddings(path: str, splits: Splits) -> tuple[dict, dict]:
     """({split: (N, E) float32 embeddings}, {split: captions}) in the splits' image order, joined by id."""
-    path = captions_path(cfg)
     table = load_table(path)
     emb, text, known = {}, {}, set(table.index)
     for s in ("train", "val", "test"):
@@ -63,19 +61,32 @@ def caption_embeddings(cfg: Config, splits: Splits) -> tuple[dict, dict]:
     return emb, text
 
 
-def build_model(cfg: Config, num_classes: int, text_dim: int) -> tuple[FusionTransformer, bool]:
-    """The fusion model and whether its video part is a trained video model."""
-    f = cfg.fusion
+def inputs(cfg: Config) -> dict[str, str]:
+    """The model fusion starts from (a trained video model, else M) and the captions table."""
     start = video_path(cfg)
-    encoder = load_encoder(start or encoder_path(cfg), drop_path=f.drop_path)
-    video = VideoTransformer(encoder, num_classes, f.clip_len, f.st_blocks)
-    if start:
+    if start is None:
+        print(f"fusion: no trained video_{cfg.fusion.st_blocks} model: starting from M with new temporal blocks", flush=True)
+    return {"checkpoint": start or encoder_path(cfg), "captions": captions_path(cfg)}
+
+
+def hand(cfg: Config, paths: dict, splits: Splits) -> dict:
+    """On the driver: the starting weights, whether they are a video model's, and the captions'
+    embeddings in the splits' order (test captions' text too, for the label word rate)."""
+    emb, text = caption_embeddings(paths["captions"], splits)
+    return {"checkpoint": read_checkpoint(paths["checkpoint"]), "trained_video": paths["checkpoint"] == video_path(cfg),
+            "text": emb, "test_captions": text["test"], "source": paths["checkpoint"]}
+
+
+def build_model(cfg: Config, given: dict, num_classes: int, text_dim: int) -> FusionTransformer:
+    f = cfg.fusion
+    video = VideoTransformer(encoder_from(given["checkpoint"], drop_path=f.drop_path), num_classes, f.clip_len, f.st_blocks)
+    if given["trained_video"]:
         try:
-            video.load_state_dict(read_checkpoint(start)["state_dict"])
+            video.load_state_dict(given["checkpoint"]["state_dict"])
         except RuntimeError:
-            raise UserError(f"{start} is not a video model with {f.st_blocks} spatio-temporal block(s), clips of "
-                            f"{f.clip_len} and {num_classes} classes: pass a matching --video-checkpoint") from None
-    return FusionTransformer(video, text_dim), start is not None
+            raise UserError(f"{given['source']} is not a video model with {f.st_blocks} spatio-temporal block(s), clips "
+                            f"of {f.clip_len} and {num_classes} classes: pass a matching --video-checkpoint") from None
+    return FusionTransformer(video, text_dim)
 
 
 def _static(model: FusionTransformer, frames: torch.Tensor, text: torch.Tensor, clip_len: int) -> torch.Tensor:
@@ -113,37 +124,17 @@ class FusionTask(ClipTask):
                 **self.extras}
 
 
-def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
-    f = cfg.fusion
-    splits = load_data(cfg, ctx.device)
-    emb, captions = caption_embeddings(cfg, splits)
-    text = {s: e.to(ctx.device) for s, e in emb.items()}
-    model, trained_video = build_model(cfg, len(splits.classes), text["train"].shape[1])
-    model.to(ctx.device)
+def worker(job, ctx: WorkerContext, report, resume) -> dict:
+    cfg, splits, f = job.cfg, job.splits, job.cfg.fusion
+    text = {s: e.to(ctx.device) for s, e in job.given["text"].items()}
+    model = build_model(cfg, job.given, len(splits.classes), text["train"].shape[1]).to(ctx.device)
     probe = train_linear_probes(text["train"], splits.train_y, text["val"], splits.val_y, len(splits.classes),
                                 ProbeConfig(), cfg.seed)
     extras = {"text_only_test_acc": probe_accuracy(probe, text["test"], splits.test_y),
-              "label_word_rate": label_word_rate(captions["test"], splits.test_y.tolist(), splits.classes),
+              "label_word_rate": label_word_rate(job.given["test_captions"], splits.test_y.tolist(), splits.classes),
               # the video model alone: only a trained one's figure means anything
               "no_caption_test_acc": static_accuracy(model.video, frame_features(model.video, splits.test_x),
-                                                     splits.test_y, f.clip_len) if trained_video else None}
-    sampler = ClipSampler(splits.train_y, f.clip_len, cfg.seed, ctx.rank, ctx.world_size)
-    clips_per_step = max(1, f.batch_size // f.clip_len // ctx.world_size)
-
-    def batcher(epoch: int) -> list[torch.Tensor]:
-        sampler.set_epoch(epoch)
-        return list(sampler.clips().to(ctx.device).split(clips_per_step))
-
+                                                     splits.test_y, f.clip_len) if job.given["trained_video"] else None}
     task = FusionTask(f, model, "fusion", text, extras)
-    return fit(task, splits, f, ctx, report, resume, seed=cfg.seed, layer_decay=f.layer_decay, batcher=batcher)
-
-
-def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
-    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
-    start = video_path(cfg)
-    load_encoder(start or encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
-    load_table(captions_path(cfg))  # and missing captions
-    if start is None:
-        print(f"fusion: no trained video_{cfg.fusion.st_blocks} model: starting from M with new temporal blocks", flush=True)
-    inputs = {"checkpoint": start or encoder_path(cfg), "captions": captions_path(cfg)}
-    return launch("fusion", "fusion", worker, cfg, fresh, inputs, **hooks)
+    return fit(task, splits, f, ctx, report, resume, seed=cfg.seed, layer_decay=f.layer_decay,
+               batcher=clip_batcher(splits.train_y, f, cfg.seed, ctx))

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from raysslvit.config import Config, ProbeConfig
 from raysslvit.data import normalize
 from raysslvit.engine import WorkerContext, final_state, lr_at
-from raysslvit.launch import launch
-from raysslvit.stages.common import encoder_path, load_data, load_encoder, read_checkpoint
+from raysslvit.stages.common import encoder_from, encoder_path, read_checkpoint
 from raysslvit.vit import VisionTransformer
 
 
@@ -81,9 +80,9 @@ def probe_accuracy(probe: dict, f: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
-    splits = load_data(cfg, ctx.device)
-    encoder = load_encoder(encoder_path(cfg)).to(ctx.device)
+def worker(job, ctx: WorkerContext, report, resume) -> dict:
+    cfg, splits = job.cfg, job.splits
+    encoder = encoder_from(job.given["checkpoint"]).to(ctx.device)
     blocks = min(cfg.probe.probe_blocks, len(encoder.blocks))
     kinds = tuple(dict.fromkeys(("cls", cfg.probe.features)))  # the study's CLS probe, and the chosen one
     feats = {s: extract_features(encoder, splits.split(s)[0], blocks, kinds) for s in ("train", "val", "test")}
@@ -103,14 +102,7 @@ def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
     return metrics
 
 
-def stage_name(cfg: Config) -> str:
+def folder(cfg: Config) -> str:
     """`probe` for model M; `probe_<stage>` for another encoder (e.g. probe_ssl_infonce)."""
     source = read_checkpoint(encoder_path(cfg))["stage"]
     return "probe" if source == "ssl" else f"probe_{source}"
-
-
-def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
-    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
-    load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
-    load_data(cfg)
-    return launch(stage_name(cfg), "probe", worker, cfg, fresh, {"checkpoint": encoder_path(cfg)}, **hooks)

@@ -7,10 +7,8 @@ import torch
 from raysslvit.config import Config, SSLConfig
 from raysslvit.data import normalize, simclr_augment
 from raysslvit.engine import WorkerContext, fit
-from raysslvit.launch import launch
 from raysslvit.metrics.knn import knn_accuracy
 from raysslvit.ssl import ContrastiveHeads, SSLHeads, corrupt, info_nce_loss, masked_rotation_loss, recon_targets
-from raysslvit.stages.common import load_data
 from raysslvit.stages.probe import extract_features
 from raysslvit.vit import VisionTransformer
 
@@ -93,17 +91,12 @@ class InfoNCETask:
 OBJECTIVES = {"masked_rotation": MaskedRotationTask, "infonce": InfoNCETask}
 
 
-def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
-    splits = load_data(cfg, ctx.device)
+def worker(job, ctx: WorkerContext, report, resume) -> dict:
+    cfg = job.cfg
     task = OBJECTIVES[cfg.ssl.objective](cfg.ssl, VisionTransformer(cfg.model))
-    return fit(task, splits, cfg.ssl, ctx, report, resume, seed=cfg.seed)
+    return fit(task, job.splits, cfg.ssl, ctx, report, resume, seed=cfg.seed)
 
 
-def stage_name(cfg: Config) -> str:
+def folder(cfg: Config) -> str:
+    """`ssl` for model M, `ssl_infonce` for the InfoNCE baseline."""
     return OBJECTIVES[cfg.ssl.objective].name
-
-
-def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
-    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
-    load_data(cfg)  # bad data fails here, in one line, before any worker starts
-    return launch(stage_name(cfg), "ssl", worker, cfg, fresh, **hooks)

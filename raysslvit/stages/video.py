@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from raysslvit.config import Config, VideoConfig
 from raysslvit.data import ClipSampler, normalize
 from raysslvit.engine import WorkerContext, accuracy, fit, predict
-from raysslvit.launch import launch
-from raysslvit.stages.common import encoder_path, load_data, load_encoder
+from raysslvit.stages.common import encoder_from
 from raysslvit.video import VideoTransformer
 
 
-def stage_name(cfg: Config) -> str:
+def folder(cfg: Config) -> str:
     return "video_mean" if cfg.video.temporal == "mean" else f"video_{cfg.video.st_blocks}"
 
 
@@ -71,24 +70,28 @@ class ClipTask:
                 "spatial_acc": static_accuracy(model, test, splits.test_y, 1)}
 
 
-def worker(cfg: Config, ctx: WorkerContext, report, resume) -> dict:
-    v = cfg.video
-    splits = load_data(cfg, ctx.device)
-    encoder = load_encoder(encoder_path(cfg), drop_path=v.drop_path)
-    model = VideoTransformer(encoder, len(splits.classes), v.clip_len, v.st_blocks, v.temporal)
-    sampler = ClipSampler(splits.train_y, v.clip_len, cfg.seed, ctx.rank, ctx.world_size)
-    clips_per_step = max(1, v.batch_size // v.clip_len // ctx.world_size)
+def clip_batcher(labels: torch.Tensor, cfg: VideoConfig, seed: int, ctx: WorkerContext):
+    """`fit`'s batcher for clips: every epoch this rank's same-class clips, `batch_size // clip_len`
+    images' worth of clips per step over all ranks."""
+    sampler = ClipSampler(labels, cfg.clip_len, seed, ctx.rank, ctx.world_size)
+    clips_per_step = max(1, cfg.batch_size // cfg.clip_len // ctx.world_size)
 
     def batcher(epoch: int) -> list[torch.Tensor]:
         sampler.set_epoch(epoch)
         return list(sampler.clips().to(ctx.device).split(clips_per_step))
 
-    task = ClipTask(v, model, stage_name(cfg))
-    return fit(task, splits, v, ctx, report, resume, seed=cfg.seed, layer_decay=v.layer_decay, batcher=batcher)
+    return batcher
 
 
-def run(cfg: Config, fresh: bool = False, **hooks) -> dict:
-    """`hooks`: `on_epoch` / `callbacks` for `launch`."""
-    load_encoder(encoder_path(cfg))  # a missing or broken checkpoint fails here, in one line
-    ClipSampler(load_data(cfg).train_y, cfg.video.clip_len)  # a class too small for one clip, likewise
-    return launch(stage_name(cfg), "video", worker, cfg, fresh, {"checkpoint": encoder_path(cfg)}, **hooks)
+def check_clips(cfg: Config, splits) -> None:
+    """A class too small for one clip fails on the driver, in one line, before any worker starts."""
+    ClipSampler(splits.train_y, cfg.video.clip_len)
+
+
+def worker(job, ctx: WorkerContext, report, resume) -> dict:
+    cfg, splits, v = job.cfg, job.splits, job.cfg.video
+    encoder = encoder_from(job.given["checkpoint"], drop_path=v.drop_path)
+    model = VideoTransformer(encoder, len(splits.classes), v.clip_len, v.st_blocks, v.temporal)
+    task = ClipTask(v, model, job.stage)
+    return fit(task, splits, v, ctx, report, resume, seed=cfg.seed, layer_decay=v.layer_decay,
+               batcher=clip_batcher(splits.train_y, v, cfg.seed, ctx))

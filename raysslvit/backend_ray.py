@@ -1,0 +1,195 @@
+"""The Ray Train backend: stages' jobs on a `TorchTrainer` worker group (DDP across `num_workers`).
+
+One `WorkerGroup` (one TorchTrainer run) serves a study's consecutive trained stages, one job after
+another, so its workers start once, not once per stage. The driver hands each job to every rank
+through a Ray queue; rank 0 sends back its lines, every epoch's metrics and checkpoint (which the
+driver writes into the stage's folder, so the run folder has one writer) and the final result;
+every rank reports each epoch to Ray Train too, so Ray Train callbacks (Tune's) see it. A worker
+that dies is restarted by Ray Train (`max_failures`) and asks for work again: the driver hands it
+the job anew, resuming from the last checkpoint it wrote. A user error on a worker ends the job at
+once, with its one line, and no retry. Starting Ray and its console noise are `console.py`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+
+import torch
+
+from raysslvit.backend_local import use_gpu
+from raysslvit.config import Config
+from raysslvit.console import quiet_ray_reports, start_ray
+from raysslvit.engine import WorkerContext
+from raysslvit.errors import UserError
+from raysslvit.launch import Job, run_job
+from raysslvit.rundir import RunFolder, load_state, write_checkpoint
+
+
+def _serve(loop_config: dict) -> None:
+    """Every Ray Train worker: say it is ready, then run the jobs handed to its rank until told to stop."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(loop_config["threads"])  # Ray sets 1 thread per CPU resource by default
+    quiet_ray_reports()
+    tc = ray.train.get_context()
+    rank, out = tc.get_world_rank(), loop_config["out"]
+    jobs = loop_config["jobs"][rank]
+    send = (lambda *message: out.put(message)) if rank == 0 else (lambda *message: None)
+    ctx = WorkerContext(rank=rank, world_size=tc.get_world_size(), device=ray.train.torch.get_device(),
+                        prepare_model=ray.train.torch.prepare_model, sink=lambda line: send("line", line))
+    send("ready", os.getpid())
+    while (job := jobs.get()) is not None:
+        last = {}
+
+        def report(metrics: dict, state: dict | None):
+            # the state in the message itself: the queue (the driver's) keeps it if this worker dies
+            send("epoch", metrics, state)
+            ray.train.report(metrics)  # every rank: Ray Train's callbacks (Tune) see each epoch
+            last["metrics"] = metrics
+
+        try:
+            run_job(job, ray.get(job.splits), ctx, report, job.resume)
+            send("done", last["metrics"])  # the last report: the final metrics, with their timing
+        except UserError as e:  # on any rank: the driver ends the job at once, Ray Train does not retry
+            out.put(("error", str(e)))
+
+
+def worker_resources(cfg: Config) -> tuple[int, bool, dict]:
+    """(threads, use_gpu, resources per worker): by default this machine's CPUs shared by the workers;
+    inside a Ray actor (a Tune trial) only what is still free, the trial holding its own share."""
+    import ray
+
+    gpu = use_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0) > 0)
+    # the driver counts all of Ray's CPUs: a stage that just ended may not have handed its own back yet
+    pool = ray.available_resources() if ray.get_runtime_context().get_actor_id() else ray.cluster_resources()
+    cpus = cfg.cpus_per_worker or max(1, min(os.cpu_count() or 1, int(pool.get("CPU", 0))) // cfg.num_workers)
+    return cpus, gpu, {"CPU": cpus, **({"GPU": cfg.gpus_per_worker} if gpu else {})}
+
+
+class WorkerGroup:
+    """A TorchTrainer run that serves jobs; started at the first job, stopped by `close()`."""
+
+    def __init__(self, cfg: Config, callbacks: list | None = None, verbose: bool = False):
+        self.cfg, self.callbacks, self.verbose = cfg, callbacks or [], verbose
+        self.trainer_thread, self.failure, self.ray_start_s = None, None, 0.0
+        self._shipped: dict[int, object] = {}  # the data in the object store, put once per group
+
+    def key(self, cfg: Config) -> tuple:
+        return cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker, cfg.max_failures
+
+    def _start(self):
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.util.queue import Queue
+
+        self.ray_start_s = start_ray(verbose=self.cfg.verbose)
+        threads, gpu, resources = worker_resources(self.cfg)
+        self.out = Queue(actor_options={"num_cpus": 0})
+        self.jobs = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.cfg.num_workers)]
+        self.quiet = self.verbose or ray.get_runtime_context().get_actor_id() is not None  # Tune shows trials' lines
+        self.name = f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        trainer = TorchTrainer(
+            _serve, train_loop_config={"jobs": self.jobs, "out": self.out, "threads": threads},
+            scaling_config=ScalingConfig(num_workers=self.cfg.num_workers, use_gpu=gpu, resources_per_worker=resources),
+            run_config=RunConfig(name=self.name, storage_path=os.path.join(self.cfg.out_dir, ".ray_train"),
+                                 failure_config=FailureConfig(max_failures=self.cfg.max_failures),
+                                 callbacks=self.callbacks))
+
+        def fit():
+            try:
+                trainer.fit()
+            except Exception as e:  # the group is gone (retries spent): the job waiting on it ends
+                self.failure = e
+            self.out.put(("ended", None))
+
+        self.trainer_thread = threading.Thread(target=fit, daemon=True)
+        self.trainer_thread.start()
+
+    def _next(self):
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                return self.out.get(timeout=0.5)
+            except Empty:
+                continue
+
+    def submit(self, job: Job, folder: RunFolder, on_epoch=None) -> tuple[dict, dict | None, dict]:
+        """Run one job on the group; returns (final metrics, final checkpoint state, timing extras)."""
+        import shutil
+
+        import ray
+
+        started_group = self.trainer_thread is None
+        if started_group:
+            self._start()
+        ray_start_s, self.ray_start_s = self.ray_start_s, 0.0
+        handed = time.perf_counter()
+        if id(job.splits) not in self._shipped:  # once, for every worker on every node
+            self._shipped = {id(job.splits): ray.put(job.splits)}
+        data_s = time.perf_counter() - handed
+        shipped = replace(job, splits=self._shipped[id(job.splits)])
+        run_dir = os.path.join(folder.checkpoints, f"{self.name}-{job.stage}")
+        last = {"state": None, "checkpoint": None}
+        if not started_group:
+            self._hand(shipped)
+        while True:
+            kind, *body = self._next()
+            if kind == "ready":  # a new (or restarted) worker group: hand it the job, from the last checkpoint
+                if not started_group:
+                    print(f"{job.stage}: a worker died; Ray Train restarted the group: resuming", flush=True)
+                started_group = False
+                self._hand(replace(shipped, resume=last["state"] if last["state"] is not None else job.resume))
+            elif kind == "line":
+                if not self.quiet:
+                    print(body[0], flush=True)
+            elif kind == "epoch":
+                metrics, state = body
+                if state is not None:  # rank 0's checkpoint: the driver is the run folder's one writer
+                    directory = os.path.join(run_dir, f"checkpoint_{metrics['epoch']:06d}")
+                    write_checkpoint(directory, state, {**job.meta, "epoch": metrics["epoch"]})
+                    if last["checkpoint"]:
+                        shutil.rmtree(last["checkpoint"], ignore_errors=True)
+                    last.update(state=state, checkpoint=directory)
+                if on_epoch is not None:
+                    on_epoch(metrics)
+            elif kind == "done":
+                return body[0], last["state"], {"ray_start_s": ray_start_s, "data_s": data_s}
+            elif kind == "error":
+                self.close(force=True)
+                raise UserError(body[0])
+            elif kind == "ended":
+                self.trainer_thread = None
+                raise RuntimeError(f"the Ray Train worker group ended during {job.stage}") from self.failure
+
+    def _hand(self, job: Job) -> None:
+        for q in self.jobs:
+            q.put(job)
+
+    def close(self, force: bool = False) -> None:
+        """Let the workers return and the run end. `force` (after a user error): do not wait, a rank
+        may wait on a peer that gave up; the group goes with this process or its Tune trial."""
+        if self.trainer_thread is None:
+            return
+        for q in self.jobs:
+            q.put(None)
+        if not force:
+            self.trainer_thread.join()
+        self.trainer_thread = None
+
+
+def run(job: Job, folder: RunFolder, on_epoch=None, callbacks: list | None = None, group: WorkerGroup | None = None):
+    """One job: on the study's open worker group when there is one (and no callbacks of its own),
+    else on a group of its own."""
+    if group is not None and not callbacks and group.key(group.cfg) == group.key(job.cfg):
+        return group.submit(job, folder, on_epoch)
+    own = WorkerGroup(job.cfg, callbacks, verbose=job.cfg.verbose)
+    try:
+        return own.submit(job, folder, on_epoch)
+    finally:
+        own.close()
