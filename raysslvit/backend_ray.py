@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 
 import torch
+from ray import cloudpickle
 
 from raysslvit.backend_local import use_gpu
 from raysslvit.config import Config
@@ -38,11 +39,13 @@ def _serve(loop_config: dict) -> None:
     tc = ray.train.get_context()
     rank, out = tc.get_world_rank(), loop_config["out"]
     jobs = loop_config["jobs"][rank]
-    send = (lambda *message: out.put(message)) if rank == 0 else (lambda *message: None)
+    # messages travel pickled: the queue actors then never import torch or raysslvit to hold them
+    send = (lambda *message: out.put(cloudpickle.dumps(message))) if rank == 0 else (lambda *message: None)
     ctx = WorkerContext(rank=rank, world_size=tc.get_world_size(), device=ray.train.torch.get_device(),
                         prepare_model=ray.train.torch.prepare_model, sink=lambda line: send("line", line))
     send("ready", os.getpid())
-    while (job := jobs.get()) is not None:
+    while (item := jobs.get()) is not None:
+        splits, job = item[0], cloudpickle.loads(item[1])
         last = {}
 
         def report(metrics: dict, state: dict | None):
@@ -52,10 +55,10 @@ def _serve(loop_config: dict) -> None:
             last["metrics"] = metrics
 
         try:
-            run_job(job, ray.get(job.splits), ctx, report, job.resume)
+            run_job(job, ray.get(splits), ctx, report, job.resume)
             send("done", last["metrics"])  # the last report: the final metrics, with their timing
         except UserError as e:  # on any rank: the driver ends the job at once, Ray Train does not retry
-            out.put(("error", str(e)))
+            out.put(cloudpickle.dumps(("error", str(e))))
 
 
 def worker_resources(cfg: Config) -> tuple[int, bool, dict]:
@@ -105,19 +108,10 @@ class WorkerGroup:
                 trainer.fit()
             except Exception as e:  # the group is gone (retries spent): the job waiting on it ends
                 self.failure = e
-            self.out.put(("ended", None))
+            self.out.put(cloudpickle.dumps(("ended", None)))
 
         self.trainer_thread = threading.Thread(target=fit, daemon=True)
         self.trainer_thread.start()
-
-    def _next(self):
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                return self.out.get(timeout=0.5)
-            except Empty:
-                continue
 
     def submit(self, job: Job, folder: RunFolder, on_epoch=None) -> tuple[dict, dict | None, dict]:
         """Run one job on the group; returns (final metrics, final checkpoint state, timing extras)."""
@@ -139,7 +133,7 @@ class WorkerGroup:
         if not started_group:
             self._hand(shipped)
         while True:
-            kind, *body = self._next()
+            kind, *body = cloudpickle.loads(self.out.get())  # the group's next message; the last is "ended"
             if kind == "ready":  # a new (or restarted) worker group: hand it the job, from the last checkpoint
                 if not started_group:
                     print(f"{job.stage}: a worker died; Ray Train restarted the group: resuming", flush=True)
@@ -168,8 +162,10 @@ class WorkerGroup:
                 raise RuntimeError(f"the Ray Train worker group ended during {job.stage}") from self.failure
 
     def _hand(self, job: Job) -> None:
+        """The job to every rank: the data's object ref beside the rest, pickled."""
+        item = (job.splits, cloudpickle.dumps(replace(job, splits=None)))
         for q in self.jobs:
-            q.put(job)
+            q.put(item)
 
     def close(self, force: bool = False) -> None:
         """Let the workers return and the run end. `force` (after a user error): do not wait, a rank

@@ -44,7 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     augment: bool = True  # random horizontal flip (+ crop when crop_pad > 0), batched on device
     crop_pad: int = 4  # random crop of the zero-padded image; 0 turns cropping off
-    # share of each batch's 16-image chunks given a TrivialAugment op; off: the small model then underfits (docs/recipes.md)
+    # share of each batch's 16-image chunks given a TrivialAugment op; off (docs/recipes.md)
     trivial_augment: float = 0.0
 
     def __post_init__(self):
@@ -86,12 +86,11 @@ class SSLConfig(TrainConfig):
 @dataclass(frozen=True)
 class ProbeConfig:
     # cls: final CLS (the study) | multi: CLS + mean patch token of the last blocks (DINO) |
-    # tokens: all final tokens, flattened in place; val picked tokens (docs/recipes.md)
+    # tokens: all final tokens, flattened in place (chosen on val: docs/recipes.md)
     features: str = "tokens"
     probe_blocks: int = 4  # blocks whose outputs the multi features concatenate
     weight_decays: tuple = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)  # chosen on val
-    # 60 epochs at 3e-3 left the probe far from converged (CLS val 0.386 against 0.426 here): docs/recipes.md
-    epochs: int = 300
+    epochs: int = 300  # converged, at a third of 1000 epochs' time (docs/recipes.md, "Probe length")
     batch_size: int = 2048
     lr: float = 1e-2
 
@@ -105,13 +104,11 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     epochs: int = 50
-    # batch 128 led batch 256 on val early; the faster 8-epoch pilot recipes did not hold over 50 epochs
-    batch_size: int = 128
+    batch_size: int = 128  # chosen on val (docs/recipes.md, "Fine-tuning")
     lr: float = 2e-3  # for batch 256, scaled linearly like every lr here
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
-    # lr multiplier per block below the head (BEiT / MAE); 0.75 held M's weak lower layers back on val
-    layer_decay: float = 1.0
+    layer_decay: float = 1.0  # lr multiplier per block below the head (BEiT / MAE); 1.0 on val (docs/recipes.md)
     drop_path: float = 0.1
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of pairs within a batch; 0 turns it off
 
@@ -127,21 +124,18 @@ class FinetuneConfig(TrainConfig):
 class VideoConfig(FinetuneConfig):
     """Pseudo-video training; batch_size counts images (batch_size // clip_len clips per step)."""
 
-    # the study's 25 left the per-image classifier still rising on val; 40 fits three cpu-preset runs in a session
-    epochs: int = 40
+    epochs: int = 40  # the study's 25 stopped short of convergence (docs/recipes.md, "Pseudo-video epochs")
     warmup_epochs: float = 3.0
-    # the short schedule takes the recipe that led the 8-epoch fine-tuning pilots on val (4 clips per step)
-    batch_size: int = 64
+    batch_size: int = 64  # 4 clips per step, with lr 8e-3: the pilots' recipe (docs/recipes.md)
     lr: float = 8e-3
     label_smoothing: float = 0.0
     drop_path: float = 0.0
     clip_len: int = 16
     st_blocks: int = 1  # spatio-temporal blocks: temporal transformer blocks on top of M
     temporal: str = "transformer"  # transformer | mean (average the frame CLS tokens, no temporal blocks)
-    # weight of the per-frame cross-entropy added to the clip's (0: the study's clip loss alone); 4 led 1 and 0 on val
+    # weight of the per-frame cross-entropy added to the clip's (0: the study's clip loss alone; 4 on val: docs/recipes.md)
     frame_loss: float = 4.0
-    # the frame loss classifies every frame as a static clip of this many copies; 16's gain was within one seed's spread
-    frame_clip_len: int = 1
+    frame_clip_len: int = 1  # the frame loss classifies every frame as a static clip of this many copies (docs/recipes.md)
 
     def __post_init__(self):
         super().__post_init__()
@@ -194,8 +188,7 @@ class FusionConfig(VideoConfig):
     # it exists, else from M with new temporal blocks
     video_checkpoint: str = ""
     captions: str = ""  # the captions table; default <out>/captions/captions.parquet
-    # the video model is trained already: a short schedule for the new block (no real captions here to tune it on)
-    epochs: int = 10
+    epochs: int = 10  # a short schedule for the new block on a trained video model, not tuned (docs/recipes.md)
     warmup_epochs: float = 1.0
     lr: float = 2e-3
 
@@ -256,8 +249,7 @@ SECTIONS = {"data": DataConfig, "model": ViTConfig, "ssl": SSLConfig, "probe": P
             "captions": CaptionsConfig, "fusion": FusionConfig}
 
 PRESETS = {
-    # Embedded sample, tiny model, every stage in under a minute; 12 rotated patches (subset 1.0, mask 0.25), as
-    # with the study's 4 the rotation task only takes off after ~100k images.
+    # Embedded sample, tiny model, every stage in under a minute; 12 rotated patches: a tiny model learns the angle from them.
     "smoke": {
         "data.data": "sample",
         "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2,
@@ -268,8 +260,7 @@ PRESETS = {
         "video.epochs": 4, "video.batch_size": 128, "video.lr": 2e-3, "video.warmup_epochs": 1,
         "fusion.epochs": 3, "fusion.batch_size": 128,
     },
-    # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs; the conv stem led fine-tuning on val.
-    # Every patch in set A, 2 of 16 blacked out: the masking studies' best CLS probe on val (RESULTS.md).
+    # Full CIFAR-10, a model sized for a 2-core machine, the study's epochs; stem and masking chosen on val (docs/recipes.md).
     "cpu": {
         "data.data": "cifar10",
         "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4, "model.stem": "conv",
@@ -280,7 +271,7 @@ PRESETS = {
         "data.data": "cifar10",
         "model.embed_dim": 384, "model.depth": 6, "model.num_heads": 6,
         "ssl.epochs": 20, "ssl.batch_size": 512, "finetune.epochs": 50, "finetune.batch_size": 512,
-        # the short video recipe chosen on the cpu preset is not assumed to carry over to this wider model
+        # the video recipe chosen on the cpu preset is not assumed for this wider model
         "video.batch_size": 512, "video.lr": 2e-3, "video.label_smoothing": 0.1, "video.drop_path": 0.1,
         "fusion.batch_size": 512,
     },

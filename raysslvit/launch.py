@@ -60,13 +60,14 @@ def launch(folder: RunFolder, job: Job, inputs: dict, on_epoch: Callable[[dict],
     and Ray Train `callbacks` see every epoch's report; the last one carries the final metrics.
     `decode_s`: what decoding the data took the driver, for the wall time; `group`: the study's
     open Ray Train worker group (`backend_ray.WorkerGroup`), if any."""
-    from raysslvit import backend_local, backend_ray
-
     cfg = job.cfg
     how = "in-process" if cfg.launcher == "local" else f"Ray Train, {cfg.num_workers} worker(s)"
     print(f"{job.stage}: starting ({how}{', resuming' if job.resume else ''})", flush=True)
     started, started_unix = time.perf_counter(), time.time()
-    backend = {"local": backend_local.run, "ray": backend_ray.run}[cfg.launcher]
+    if cfg.launcher == "local":  # no Ray imported: GPU machines without it run this
+        from raysslvit.backend_local import run as backend
+    else:
+        from raysslvit.backend_ray import run as backend
     metrics, state, extra = backend(job, folder, on_epoch=on_epoch, callbacks=callbacks, group=group)
     extra["data_s"] = extra.get("data_s", 0.0) + decode_s
     timing = breakdown(metrics.get("timing"), time.perf_counter() - started + decode_s, started_unix - decode_s, **extra)

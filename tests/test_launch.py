@@ -17,32 +17,35 @@ def same_run(a: dict, b: dict) -> bool:
     return untimed(a) == untimed(b) and [untimed(h) for h in a["history"]] == [untimed(h) for h in b["history"]]
 
 
-def dies_once_after(epoch: int, marker: str):
-    """The SSL stage, whose rank-0 worker process exits once, right after reporting `epoch`."""
+def stops_after(epoch: int, marker: str = ""):
+    """The SSL stage, stopped right after reporting `epoch`: with a marker file, its rank-0 worker
+    process exits, once; without, it raises (the run ends there, its checkpoint kept)."""
     worker = STAGES["ssl"].worker
 
-    def dying(job, ctx, report, resume):
-        def report_then_die(metrics, state):
+    def stopping(job, ctx, report, resume):
+        def report_then_stop(metrics, state):
             report(metrics, state)
-            if metrics["epoch"] == epoch and ctx.rank == 0 and not os.path.exists(marker):
+            if metrics["epoch"] == epoch and ctx.rank == 0 and not (marker and os.path.exists(marker)):
+                if not marker:  # a builtin: Ray's processes cannot import this test module
+                    raise RuntimeError(f"stopped after epoch {epoch}")
                 open(marker, "w").close()
                 os._exit(1)
 
-        return worker(job, ctx, report_then_die, resume)
+        return worker(job, ctx, report_then_stop, resume)
 
-    return replace(STAGES["ssl"], worker=dying)
+    return replace(STAGES["ssl"], worker=stopping)
 
 
 def test_a_dead_worker_restarts_and_a_new_run_resumes_from_its_checkpoint(tmp_path, ray_local, capsys):
     cfg = build_config("smoke", {"out": str(tmp_path / "harmed"), "ssl.epochs": 3, "max_failures": 1})
-    harmed = run_stage(dies_once_after(2, str(tmp_path / "died-once")), cfg)
+    harmed = run_stage(stops_after(2, str(tmp_path / "died-once")), cfg)
     assert os.path.exists(tmp_path / "died-once")  # it did die, and its restart went on
     unharmed = run_command("ssl", replace(cfg, out=str(tmp_path / "unharmed"), launcher="local"))  # the same fit
     assert same_run(harmed, unharmed)
-    # a run that ended after epoch 2 (no retries left) is resumed by the next call from its folder
-    stopped = replace(cfg, out=str(tmp_path / "stopped"), max_failures=0)
-    with pytest.raises(Exception):
-        run_stage(dies_once_after(2, str(tmp_path / "died-twice")), stopped)
+    # a run that stopped after epoch 2 is resumed on Ray by the next call, from its folder's checkpoint
+    stopped = replace(cfg, out=str(tmp_path / "stopped"))
+    with pytest.raises(RuntimeError, match="stopped after epoch 2"):
+        run_stage(stops_after(2), replace(stopped, launcher="local"))
     capsys.readouterr()
     resumed = run_command("ssl", stopped)
     assert same_run(resumed, unharmed) and resumed["timing"]["resumed_after_epoch"] == 2
@@ -67,38 +70,30 @@ def test_a_user_error_inside_a_worker_is_one_line_and_not_retried(tmp_path, laun
     assert not (tmp_path / "out" / "ssl" / "metrics.json").exists()
 
 
-def test_every_epoch_reaches_on_epoch_and_ray_train_callbacks(tmp_path, ray_local):
-    from ray.train import UserCallback
-
-    seen_file = tmp_path / "seen"
-
-    class Record(UserCallback):  # runs in Ray Train's controller: it writes what it sees to a file
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(seen_file, "a") as f:
-                f.write(f"{metrics[0]['epoch']} {metrics[0]['val_rotation_acc']}\n")
-
-    cfg = build_config("smoke", {"out": str(tmp_path / "ray"), "ssl.epochs": 3})
-    final = run_command("ssl", cfg, callbacks=[Record()])
-    rows = [line.split() for line in seen_file.read_text().splitlines()]
-    assert [int(r[0]) for r in rows] == [1, 2, 3] and float(rows[-1][1]) == final["val_rotation_acc"]
+def test_every_epoch_reaches_on_epoch(tmp_path):
     seen = []
-    run_command("ssl", replace(cfg, out=str(tmp_path / "local"), launcher="local"), on_epoch=seen.append)
-    assert [m["epoch"] for m in seen] == [1, 2, 3] and all("val_rotation_acc" in m for m in seen)
+    cfg = build_config("smoke", {"out": str(tmp_path), "ssl.epochs": 3, "launcher": "local"})
+    final = run_command("ssl", cfg, on_epoch=seen.append)
+    assert [m["epoch"] for m in seen] == [1, 2, 3] and seen[-1]["val_rotation_acc"] == final["val_rotation_acc"]
 
 
 def test_a_stage_inside_a_tune_trial_takes_only_what_is_free(tmp_path, ray_local):
     """The trial holds one of the two CPUs; its TorchTrainer worker gets the other (sizing from the
-    whole cluster would wait forever), and Tune sees every epoch through TuneReportCallback."""
+    whole cluster would wait forever), and Tune sees every epoch through TuneReportCallback (a Ray
+    Train callback: the stage hands its callbacks to its TorchTrainer)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = build_config("smoke", {"out": str(tmp_path / "out"), "ssl.epochs": 3})
 
     def trial(config):
-        run_command("ssl", cfg, callbacks=[TuneReportCallback()])
+        final = run_command("ssl", cfg, callbacks=[TuneReportCallback()])
+        tune.report({"final_val_rotation_acc": final["val_rotation_acc"]})
 
     tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
                        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="trial"))
     result = tuner.fit()[0]
     assert result.error is None, result.error
-    assert list(result.metrics_dataframe["epoch"]) == [1, 2, 3]
+    epochs = result.metrics_dataframe.dropna(subset=["epoch"])
+    assert list(epochs["epoch"]) == [1, 2, 3]
+    assert epochs["val_rotation_acc"].iloc[-1] == result.metrics["final_val_rotation_acc"]

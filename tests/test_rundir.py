@@ -175,11 +175,16 @@ def test_a_missing_truncated_or_altered_output_or_broken_json_redoes_the_stage(t
     assert "ssl" not in read_json(tmp_path / "results.json")
 
 
-def test_out_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys):
+def test_out_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert _ssl(tmp_path / "file" / "run") == 2
     assert capsys.readouterr().err.strip() == f"raysslvit: error: {tmp_path / 'file'} is a file, not a folder: pass another --out"
     assert (tmp_path / "file").read_text() == "x"
+    # a folder this user may not write (root may write anywhere: the check is asked as a user would be)
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path / "locked")))
+    assert _ssl(tmp_path / "locked") == 2
+    assert capsys.readouterr().err.strip() == (f"raysslvit: error: cannot write to {tmp_path / 'locked' / 'ssl'} "
+                                               f"(permission denied): pass another --out")
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_result_a_later_run_accepts(tmp_path, capsys, monkeypatch):

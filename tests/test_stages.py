@@ -1,36 +1,44 @@
-"""The stages end to end on the embedded sample: through a real Ray Train TorchTrainer on a local
-Ray, and in-process; learning tests check that accuracies really rise above chance."""
+"""The stages end to end on the embedded sample: through a real Ray Train TorchTrainer group on a
+local Ray, and in-process; learning tests check that accuracies really rise above chance."""
 import json
 import os
 
 import numpy as np
 import torch
 
+from raysslvit.__main__ import main
 from raysslvit.artifacts import read_json
 from raysslvit.config import build_config
 from raysslvit.stages import run_command
 from raysslvit.stages.common import load_encoder
 
 
-def test_ssl_through_a_real_torchtrainer(tmp_path, ray_local, capfd):
-    cfg = build_config("smoke", {"out": str(tmp_path), "ssl.epochs": 2})
-    metrics = run_command("ssl", cfg)
+def test_a_study_through_one_real_torchtrainer_group(tmp_path, ray_local, capfd):
+    """`run` on Ray: its trained stages share one worker group (their checkpoint folders carry its
+    name); the workers' epoch lines reach the console, Ray's own noise does not; and the same config
+    gives the same run in-process (torch is seeded from the config before a stage builds its model)."""
+    out = tmp_path / "ray"
+    assert main(["run", "--out", str(out), "--stages", "finetune,video_2", "--set", "ssl.epochs=2",
+                 "--set", "finetune.epochs=2", "--set", "video.epochs=1"]) == 0
     console = capfd.readouterr()
-    assert len(metrics["history"]) == 2 and 0 <= metrics["val_rotation_acc"] <= 1
-    # the workers' epoch lines reach the console through the progress channel; Ray's own noise does not
     assert "ssl epoch 2/2  train_loss" in console.out and "ETA" in console.out and "ssl: done in" in console.out
+    assert console.out.count("starting (Ray Train, 1 worker(s))") == 3
     for noise in ("core_worker.cc", "Token authentication", "\x1b[", "TrainController", "RayTrainWorker"):
         assert noise not in console.out + console.err, noise
-    assert {"wall_s", "startup_s", "data_s", "compute_s"} <= set(metrics["timing"])
-    assert os.listdir(tmp_path / "ssl" / "checkpoints")[0].startswith("ray-")
-    assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(tmp_path / "ssl"))
-
-
-def test_video_through_a_real_torchtrainer(tmp_path, smoke_run, ray_local):
-    cfg = build_config("smoke", {"out": str(tmp_path), "checkpoint": str(smoke_run / "ssl" / "model.pt"),
-                                 "video.epochs": 1, "video.st_blocks": 2})
-    metrics = run_command("video", cfg)
-    assert 0 <= metrics["test_acc"] <= 1 and os.listdir(tmp_path / "video_2" / "checkpoints")[0].startswith("ray-")
+    groups = set()
+    for stage in ("ssl", "finetune", "video_2"):
+        assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(out / stage)), stage
+        (run_dir,) = os.listdir(out / stage / "checkpoints")
+        assert run_dir.startswith("ray-") and run_dir.endswith(f"-{stage}")
+        groups.add(run_dir.removesuffix(f"-{stage}"))
+        assert {"wall_s", "startup_s", "data_s", "compute_s"} <= set(read_json(out / stage / "metrics.json")["timing"])
+    assert len(groups) == 1  # one TorchTrainer run served the three stages
+    on_ray = read_json(out / "finetune" / "metrics.json")["history"]
+    untimed = lambda history: [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in history]
+    for again in ("a", "b"):
+        cfg = build_config("smoke", {"out": str(tmp_path / again), "launcher": "local", "finetune.epochs": 2,
+                                     "checkpoint": str(out / "ssl" / "model.pt")})
+        assert untimed(run_command("finetune", cfg)["history"]) == untimed(on_ray)
 
 
 def test_run_writes_every_stage(smoke_run):
@@ -55,7 +63,7 @@ def test_ssl_learns_rotation(smoke_run):
 def test_probe_and_finetune_beat_chance(smoke_run):
     assert read_json(smoke_run / "probe" / "metrics.json")["test_acc"] > 0.2  # chance is 0.10
     ft = read_json(smoke_run / "finetune" / "metrics.json")
-    assert ft["test_acc"] > 0.2 and 0 <= ft["train_acc"] <= 1
+    assert ft["test_acc"] > 0.2 and ft["train_acc"] > 0.2
 
 
 def test_finetune_starts_from_model_m(smoke_run):
@@ -85,17 +93,6 @@ def test_local_launcher_runs_the_same_fit(tmp_path, smoke_run):
     assert p["test_acc"] == p["test_acc_cls"]
 
 
-def test_the_seed_decides_a_run_in_either_launcher(tmp_path, smoke_run, ray_local):
-    """torch seeds itself at random on import; the launcher seeds it from the config before the
-    stage builds its model, so the same config gives the same run, in-process or on Ray Train."""
-    runs = []
-    for launcher, out in (("local", "a"), ("local", "b"), ("ray", "c")):
-        cfg = build_config("smoke", {"out": str(tmp_path / out), "launcher": launcher, "finetune.epochs": 2,
-                                     "checkpoint": str(smoke_run / "ssl" / "model.pt")})
-        runs.append([{k: v for k, v in m.items() if k != "epoch_time_s"} for m in run_command("finetune", cfg)["history"]])
-    assert runs[1] == runs[0] and runs[2] == runs[0]
-
-
 def test_analyze_measures_both_models(smoke_run):
     m = read_json(smoke_run / "analyze" / "metrics.json")
     for key in ("cka_before", "cka_after", "cka_block_before", "cka_block_after", "focus_entropy_before",
@@ -118,7 +115,7 @@ def test_video_stages_write_their_keys(smoke_run):
     for stage in ("video_1", "video_2", "video_mean"):
         m = read_json(smoke_run / stage / "metrics.json")
         assert {"val_acc", "test_acc", "train_acc", "best_val_epoch", "spatial_acc"} <= set(m), stage
-        assert 0 <= m["test_acc"] <= 1
+        assert m["test_acc"] > 0.15, stage  # chance is 0.10
     assert read_json(smoke_run / "video_1" / "config.json")["config"]["video"]["st_blocks"] == 1
 
 
