@@ -133,3 +133,22 @@ def test_the_table_of_stages_is_whole(smoke_run):
         assert all(order.index(n) < order.index(key) for n in stage.needs), key
         assert for_command(stage.command, with_changes(cfg, stage.variant(cfg))) == stage, key
         assert (smoke_run / stage.folder / "metrics.json").exists() or key in ("captions", "fusion"), key
+
+
+def test_a_worker_is_handed_its_inputs_and_reads_no_file(smoke_run, tmp_path):
+    """The driver reads M's weights and decodes the data; the worker runs from what it is handed,
+    under a config whose checkpoint and data cache point where nothing exists."""
+    from dataclasses import replace
+
+    from raysslvit.engine import WorkerContext
+    from raysslvit.launch import Job, run_job
+    from raysslvit.stages import STAGES
+    from raysslvit.stages.common import load_data
+
+    cfg = build_config("smoke", {"out": str(tmp_path), "finetune.epochs": 1, "checkpoint": str(smoke_run / "ssl" / "model.pt")})
+    stage, splits = STAGES["finetune"], load_data(cfg)
+    given = stage.hand(cfg, stage.inputs(cfg), splits)
+    nowhere = replace(cfg, checkpoint=str(tmp_path / "no-m.pt"), data=replace(cfg.data, data_root=str(tmp_path / "no-cache")))
+    job = Job("finetune", nowhere, stage.worker, splits, given, fingerprint={})
+    metrics = run_job(job, splits, WorkerContext(), lambda m, s: None, None)
+    assert metrics["train_loss"] > 0 and not os.listdir(tmp_path)
