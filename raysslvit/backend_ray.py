@@ -25,7 +25,7 @@ from raysslvit.console import quiet_ray_reports, start_ray
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, run_job
-from raysslvit.rundir import RunFolder, load_state, write_checkpoint
+from raysslvit.rundir import RunFolder, write_checkpoint
 
 
 def _serve(loop_config: dict) -> None:

@@ -35,12 +35,15 @@ def hand_checkpoints(cfg: Config, paths: dict, splits) -> dict:
 
 
 def hand_video(cfg: Config, paths: dict, splits) -> dict:
+    """M's weights, once the driver has seen that every class holds a clip."""
     video.check_clips(cfg, splits)
     return hand_checkpoints(cfg, paths, splits)
 
 
 @dataclass(frozen=True)
 class Stage:
+    """One step of the study: all that the CLI, `run`, the report and Tune need to know of it."""
+
     key: str  # results.json key and `run --stages` name
     folder: str  # <out>/<folder>/ in the study
     command: str  # `python -m raysslvit <command>`
