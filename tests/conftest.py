@@ -55,14 +55,15 @@ def write_space(tmp_path, **changes) -> str:
 
 
 @pytest.fixture(scope="session")
-def tune_study(tmp_path_factory):
+def tune_study(tmp_path_factory, ray_local):
     """A real two-trial Tune study, interrupted with Ctrl-C once its first trial finished, then
     finished with --resume. Returns its folder, the first trial's records before the resume, and
-    the resumed run. Its trials train in-process (a TorchTrainer inside a trial: test_launch)."""
+    the resumed run. Its trials train in-process (a TorchTrainer inside a trial: test_launch); both
+    calls join the suite's Ray (`--address`) rather than start one each."""
     tmp = tmp_path_factory.mktemp("tune")
     root = os.path.join(os.path.dirname(__file__), "..")
     args = [sys.executable, "-m", "raysslvit.tune", "--space", write_space(tmp), "--storage-path", str(tmp / "t"),
-            "--set", "launcher=local"]
+            "--set", "launcher=local", "--address", ray_local.get_runtime_context().gcs_address]
     env = {**os.environ, "PYTHONPATH": root}
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finished = lambda: [p for p in glob.glob(str(tmp / "t" / "study" / "trial_*" / "result.json"))
