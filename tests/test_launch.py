@@ -40,6 +40,7 @@ def test_a_dead_worker_restarts_and_a_new_run_resumes_from_its_checkpoint(tmp_pa
     cfg = build_config("smoke", {"out": str(tmp_path / "harmed"), "ssl.epochs": 3, "max_failures": 1})
     harmed = run_stage(stops_after(2, str(tmp_path / "died-once")), cfg)
     assert os.path.exists(tmp_path / "died-once")  # it did die, and its restart went on
+    assert "ssl: a worker died; Ray Train restarted the group: resuming" in capsys.readouterr().out
     unharmed = run_command("ssl", replace(cfg, out=str(tmp_path / "unharmed"), launcher="local"))  # the same fit
     assert same_run(harmed, unharmed)
     # a run that stopped after epoch 2 is resumed on Ray by the next call, from its folder's checkpoint
