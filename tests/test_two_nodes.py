@@ -4,6 +4,7 @@ stage on disjoint shards (the two-worker DDP test too). Both nodes are stopped e
 test started are stopped (`ray stop` would also end other tests' Ray)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_a_study_runs_across_two_nodes(tmp_path):
         assert run.stdout.count("starting (Ray Train, 2 worker(s))") == 2
         # two workers of 1 CPU each on two nodes of 1 CPU each: one worker on each node, or none at all
     finally:
-        for node in reversed(nodes):
-            os.killpg(node.pid, 15)  # the --block process and the Ray daemons it started
+        for node in reversed(nodes):  # SIGKILL: asked to stop, `ray start --block` takes 30 s over it
+            os.killpg(node.pid, signal.SIGKILL)  # the --block process and the Ray daemons it started
         for node in nodes:
             node.wait(timeout=60)
