@@ -3,7 +3,6 @@ machine without Ray runs). Every epoch's checkpoint goes into the stage's folder
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -12,7 +11,7 @@ import torch
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, run_job
-from raysslvit.rundir import RunFolder, write_checkpoint
+from raysslvit.rundir import LatestCheckpoint, RunFolder
 
 
 def use_gpu(setting: str, available: bool) -> bool:
@@ -27,19 +26,15 @@ def run(job: Job, folder: RunFolder, on_epoch: Callable[[dict], None] | None = N
     device = torch.device("cuda" if use_gpu(cfg.use_gpu, torch.cuda.is_available()) else "cpu")
     if cfg.cpus_per_worker:
         torch.set_num_threads(cfg.cpus_per_worker)
-    run_dir = os.path.join(folder.checkpoints, f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    last = {"metrics": None, "state": None, "checkpoint": None}
+    checkpoints = LatestCheckpoint(folder, f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", job.meta)
+    last = {}
 
     def report(metrics: dict, state: dict | None):
         last["metrics"] = metrics
         if state is not None:
-            directory = os.path.join(run_dir, f"checkpoint_{metrics['epoch']:06d}")
-            write_checkpoint(directory, state, {**job.meta, "epoch": metrics["epoch"]})
-            if last["checkpoint"]:
-                shutil.rmtree(last["checkpoint"], ignore_errors=True)
-            last["checkpoint"], last["state"] = directory, state
+            checkpoints.save(metrics["epoch"], state)
         if on_epoch is not None:
             on_epoch(metrics)
 
     run_job(job, job.splits, WorkerContext(rank=0, world_size=1, device=device), report, job.resume)
-    return last["metrics"], last["state"], {}
+    return last["metrics"], checkpoints.state, {}

@@ -25,7 +25,7 @@ from raysslvit.console import quiet_ray_reports, start_ray
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, run_job
-from raysslvit.rundir import RunFolder, write_checkpoint
+from raysslvit.rundir import LatestCheckpoint, RunFolder
 
 
 def _serve(loop_config: dict) -> None:
@@ -61,6 +61,11 @@ def _serve(loop_config: dict) -> None:
             out.put(cloudpickle.dumps(("error", str(e))))
 
 
+def group_key(cfg: Config) -> tuple:
+    """What a worker group is sized and retried by: jobs of configs alike here can share one."""
+    return cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker, cfg.max_failures
+
+
 def worker_resources(cfg: Config) -> tuple[int, bool, dict]:
     """(threads, use_gpu, resources per worker): by default this machine's CPUs shared by the workers;
     inside a Ray actor (a Tune trial) only what is still free, the trial holding its own share."""
@@ -80,9 +85,6 @@ class WorkerGroup:
         self.cfg, self.callbacks, self.verbose = cfg, callbacks or [], verbose
         self.trainer_thread, self.failure, self.ray_start_s = None, None, 0.0
         self._shipped: dict[int, object] = {}  # the data in the object store, put once per group
-
-    def key(self, cfg: Config) -> tuple:
-        return cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker, cfg.max_failures
 
     def _start(self):
         import ray
@@ -115,8 +117,6 @@ class WorkerGroup:
 
     def submit(self, job: Job, folder: RunFolder, on_epoch=None) -> tuple[dict, dict | None, dict]:
         """Run one job on the group; returns (final metrics, final checkpoint state, timing extras)."""
-        import shutil
-
         import ray
 
         started_group = self.trainer_thread is None
@@ -128,8 +128,7 @@ class WorkerGroup:
             self._shipped = {id(job.splits): ray.put(job.splits)}
         data_s = time.perf_counter() - handed
         shipped = replace(job, splits=self._shipped[id(job.splits)])
-        run_dir = os.path.join(folder.checkpoints, f"{self.name}-{job.stage}")
-        last = {"state": None, "checkpoint": None}
+        checkpoints = LatestCheckpoint(folder, f"{self.name}-{job.stage}", job.meta)
         if not started_group:
             self._hand(shipped)
         while True:
@@ -138,22 +137,18 @@ class WorkerGroup:
                 if not started_group:
                     print(f"{job.stage}: a worker died; Ray Train restarted the group: resuming", flush=True)
                 started_group = False
-                self._hand(replace(shipped, resume=last["state"] if last["state"] is not None else job.resume))
+                self._hand(replace(shipped, resume=checkpoints.state if checkpoints.state is not None else job.resume))
             elif kind == "line":
                 if not self.quiet:
                     print(body[0], flush=True)
             elif kind == "epoch":
                 metrics, state = body
                 if state is not None:  # rank 0's checkpoint: the driver is the run folder's one writer
-                    directory = os.path.join(run_dir, f"checkpoint_{metrics['epoch']:06d}")
-                    write_checkpoint(directory, state, {**job.meta, "epoch": metrics["epoch"]})
-                    if last["checkpoint"]:
-                        shutil.rmtree(last["checkpoint"], ignore_errors=True)
-                    last.update(state=state, checkpoint=directory)
+                    checkpoints.save(metrics["epoch"], state)
                 if on_epoch is not None:
                     on_epoch(metrics)
             elif kind == "done":
-                return body[0], last["state"], {"ray_start_s": ray_start_s, "data_s": data_s}
+                return body[0], checkpoints.state, {"ray_start_s": ray_start_s, "data_s": data_s}
             elif kind == "error":
                 self.close(force=True)
                 raise UserError(body[0])
@@ -182,7 +177,7 @@ class WorkerGroup:
 def run(job: Job, folder: RunFolder, on_epoch=None, callbacks: list | None = None, group: WorkerGroup | None = None):
     """One job: on the study's open worker group when there is one (and no callbacks of its own),
     else on a group of its own."""
-    if group is not None and not callbacks and group.key(group.cfg) == group.key(job.cfg):
+    if group is not None and not callbacks and group_key(group.cfg) == group_key(job.cfg):
         return group.submit(job, folder, on_epoch)
     own = WorkerGroup(job.cfg, callbacks, verbose=job.cfg.verbose)
     try:

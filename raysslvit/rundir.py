@@ -125,6 +125,22 @@ def write_checkpoint(directory: str, state: dict, meta: dict) -> None:
     write_json(os.path.join(directory, "meta.json"), meta)
 
 
+class LatestCheckpoint:
+    """One run's checkpoints in `<stage>/checkpoints/<run>/`, written by the driver, only the latest
+    kept: what `RunFolder.resume_point` finds after a crash. `state` is the latest one written."""
+
+    def __init__(self, folder: "RunFolder", run: str, meta: dict):
+        self.run_dir, self.meta = os.path.join(folder.checkpoints, run), meta
+        self.state, self._path = None, None
+
+    def save(self, epoch: int, state: dict) -> None:
+        directory = os.path.join(self.run_dir, f"checkpoint_{epoch:06d}")
+        write_checkpoint(directory, state, {**self.meta, "epoch": epoch})
+        if self._path:
+            shutil.rmtree(self._path, ignore_errors=True)
+        self.state, self._path = state, directory
+
+
 def load_state(directory: str | None) -> dict | None:
     """A checkpoint's state: tensors, dicts, lists and numbers only (weights_only: no pickled code runs)."""
     if not directory:
