@@ -24,7 +24,6 @@ def start_ray(verbose: bool = False, **kwargs) -> float:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # one actor less per stage; it watches for cloud preemption, which a local machine never sees
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        kwargs.setdefault("_node_ip_address", "127.0.0.1")  # it listens on loopback only (STYLE 16)
     started = time.perf_counter()
     ray.init(**{"log_to_driver": verbose, "configure_logging": False, **kwargs})
     return time.perf_counter() - started

@@ -43,7 +43,7 @@ def test_a_study_runs_across_two_nodes(tmp_path):
             time.sleep(0.2)
         nodes.append(subprocess.Popen([ray, "start", "--address", address, "--node-ip-address", "127.0.0.1", *common],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        both = "import ray, time\nray.init(_node_ip_address='127.0.0.1')\nwhile sum(n['Alive'] for n in ray.nodes()) < 2: time.sleep(0.2)"
+        both = "import ray, time\nray.init()\nwhile sum(n['Alive'] for n in ray.nodes()) < 2: time.sleep(0.2)"
         subprocess.run([sys.executable, "-c", both], env=env, capture_output=True, timeout=120, check=True)
         one_epoch = [f"--set={s}.epochs=1" for s in ("ssl", "video")]
         run = subprocess.run([sys.executable, "-m", "raysslvit", "run", "--out", str(tmp_path), "--num-workers", "2",
