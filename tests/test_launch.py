@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 from raysslvit.__main__ import main
+from raysslvit.backend_ray import WorkerGroup
 from raysslvit.config import build_config
 from raysslvit.errors import UserError
 from raysslvit.stages import STAGES, run_command, run_stage
@@ -36,39 +37,45 @@ def stops_after(epoch: int, marker: str = ""):
     return replace(STAGES["ssl"], worker=stopping)
 
 
-def test_a_dead_worker_restarts_and_a_new_run_resumes_from_its_checkpoint(tmp_path, ray_local, capsys):
-    cfg = build_config("smoke", {"out": str(tmp_path / "harmed"), "ssl.epochs": 3, "max_failures": 1})
-    harmed = run_stage(stops_after(2, str(tmp_path / "died-once")), cfg)
-    assert os.path.exists(tmp_path / "died-once")  # it did die, and its restart went on
-    assert "ssl: a worker died; Ray Train restarted the group: resuming" in capsys.readouterr().out
-    unharmed = run_command("ssl", replace(cfg, out=str(tmp_path / "unharmed"), launcher="local"))  # the same fit
-    assert same_run(harmed, unharmed)
-    # a run that stopped after epoch 2 is resumed on Ray by the next call, from its folder's checkpoint
-    stopped = replace(cfg, out=str(tmp_path / "stopped"))
-    with pytest.raises(RuntimeError, match="stopped after epoch 2"):
-        run_stage(stops_after(2), replace(stopped, launcher="local"))
-    capsys.readouterr()
-    resumed = run_command("ssl", stopped)
-    assert same_run(resumed, unharmed) and resumed["timing"]["resumed_after_epoch"] == 2
-    assert "ssl: starting (Ray Train, 1 worker(s), resuming)" in capsys.readouterr().out
+def failing_worker(calls):
+    """A worker that counts its calls in a file and meets a user error (the data went away)."""
 
-
-@pytest.mark.parametrize("launcher", ["local", "ray"])
-def test_a_user_error_inside_a_worker_is_one_line_and_not_retried(tmp_path, launcher, ray_local, monkeypatch, capsys):
-    calls = tmp_path / "calls"
-
-    def worker(cfg, ctx, report, resume):
+    def worker(job, ctx, report, resume):
         with open(calls, "a") as f:
             f.write("x")
         raise UserError("the data went away")
 
-    monkeypatch.setitem(STAGES, "ssl", replace(STAGES["ssl"], worker=worker))
-    assert main(["ssl", "--out", str(tmp_path / "out"), "--launcher", launcher, "--max-failures", "2"]) == 2
-    err = capsys.readouterr().err  # beside the Ray's own log lines (the fixture's Ray has no dashboard)
-    assert [l for l in err.splitlines() if "raysslvit" in l] == ["raysslvit: error: the data went away"]
-    assert "Traceback" not in err
-    assert calls.read_text() == "x"
-    assert not (tmp_path / "out" / "ssl" / "metrics.json").exists()
+    return worker
+
+
+def test_a_dead_worker_restarts_from_its_checkpoint_and_a_user_error_is_not_retried(tmp_path, ray_local, capfd):
+    """On one worker group: a worker that dies is restarted and handed the last checkpoint, as a new
+    run is (test_rundir), and its run ends with the same fit as in-process (torch is seeded from the
+    config before a stage builds its model); then a user error on a worker ends its job at once, once."""
+    cfg = build_config("smoke", {"out": str(tmp_path / "harmed"), "ssl.epochs": 3, "max_failures": 1})
+    group, calls = WorkerGroup(cfg), tmp_path / "calls"
+    try:
+        harmed = run_stage(stops_after(2, str(tmp_path / "died-once")), cfg, group=group)
+        assert os.path.exists(tmp_path / "died-once")  # it did die, and its restart went on
+        assert "ssl: a worker died; Ray Train restarted the group: resuming" in capfd.readouterr().out
+        with pytest.raises(UserError, match="^the data went away$"):
+            run_stage(replace(STAGES["ssl"], worker=failing_worker(calls)), replace(cfg, out=str(tmp_path / "failed")),
+                      group=group)
+    finally:
+        group.close(force=True)
+    assert calls.read_text() == "x" and not (tmp_path / "failed" / "ssl" / "metrics.json").exists()
+    assert "Traceback" not in capfd.readouterr().err
+    unharmed = run_command("ssl", replace(cfg, out=str(tmp_path / "unharmed"), launcher="local"))
+    assert same_run(harmed, unharmed)
+
+
+def test_a_user_error_inside_a_worker_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    calls = tmp_path / "calls"
+    monkeypatch.setitem(STAGES, "ssl", replace(STAGES["ssl"], worker=failing_worker(calls)))
+    assert main(["ssl", "--out", str(tmp_path / "out"), "--launcher", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["raysslvit: error: the data went away"]
+    assert calls.read_text() == "x" and not (tmp_path / "out" / "ssl" / "metrics.json").exists()
 
 
 def test_every_epoch_reaches_on_epoch(tmp_path):

@@ -62,19 +62,19 @@ def test_a_new_m_redoes_the_finetune(tmp_path, capsys):
     """ssl, finetune, ssl --fresh with another masking ratio, finetune: the second fine-tune is fresh.
     (The smoke preset masks 0.25 of set A, so 0.5 is the change here.)"""
     out = ["--launcher", "local", "--out", str(tmp_path)]
-    assert main(["ssl", *out, "--epochs", "2"]) == 0
-    assert main(["finetune", *out, "--epochs", "2"]) == 0
+    assert main(["ssl", *out, "--epochs", "1"]) == 0
+    assert main(["finetune", *out, "--epochs", "1"]) == 0
     first = read_json(tmp_path / "finetune" / "metrics.json")
-    assert main(["ssl", *out, "--epochs", "2", "--fresh", "--set", "ssl.mask_ratio=0.5"]) == 0
+    assert main(["ssl", *out, "--epochs", "1", "--fresh", "--set", "ssl.mask_ratio=0.5"]) == 0
     capsys.readouterr()
-    assert main(["finetune", *out, "--epochs", "2"]) == 0
+    assert main(["finetune", *out, "--epochs", "1"]) == 0
     said = capsys.readouterr().out
     assert "done already" not in said and "finetune: redoing: inputs.checkpoint changed" in said
     second = read_json(tmp_path / "finetune" / "metrics.json")
     assert second["history"][0]["train_loss"] != first["history"][0]["train_loss"]
-    assert main(["finetune", *out, "--epochs", "2"]) == 0  # nothing changed since: reused
+    assert main(["finetune", *out, "--epochs", "1"]) == 0  # nothing changed since: reused
     assert "finetune: done already" in capsys.readouterr().out
-    assert main(["finetune", *out, "--epochs", "3"]) == 0  # its own config changed: redone
+    assert main(["finetune", *out, "--epochs", "2"]) == 0  # its own config changed: redone
     assert "redoing: finetune.epochs" in capsys.readouterr().out
 
 
@@ -96,7 +96,7 @@ def test_analyze_checkpoint_means_that_model_and_its_fine_tuned_one(tmp_path, ca
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """SIGKILL the driver once epoch 2's checkpoint exists; the same command resumes and ends with
     the metrics of a run that was never interrupted."""
-    args = ["ssl", "--launcher", "local", "--epochs", "5", "--set", "ssl.warmup_epochs=2"]
+    args = ["ssl", "--launcher", "local", "--epochs", "4", "--set", "ssl.warmup_epochs=2"]
     proc = subprocess.Popen([sys.executable, "-m", "raysslvit", *args, "--out", str(tmp_path / "killed")],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

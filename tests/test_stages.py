@@ -1,44 +1,17 @@
-"""The stages end to end on the embedded sample: through a real Ray Train TorchTrainer group on a
-local Ray, and in-process; learning tests check that accuracies really rise above chance."""
+"""The stages end to end on the embedded sample, in-process (through Ray Train: test_two_nodes and
+test_launch); learning tests check that accuracies really rise above chance."""
 import json
 import os
 
 import numpy as np
 import torch
 
-from raysslvit.__main__ import main
 from raysslvit.artifacts import read_json
 from raysslvit.config import build_config
 from raysslvit.stages import run_command
 from raysslvit.stages.common import load_encoder
 
-
-def test_a_study_through_one_real_torchtrainer_group(tmp_path, ray_local, capfd):
-    """`run` on Ray: its trained stages share one worker group (their checkpoint folders carry its
-    name); the workers' epoch lines reach the console, Ray's own noise does not; and the same config
-    gives the same run in-process (torch is seeded from the config before a stage builds its model)."""
-    out = tmp_path / "ray"
-    assert main(["run", "--out", str(out), "--stages", "finetune,video_2", "--set", "ssl.epochs=2",
-                 "--set", "finetune.epochs=2", "--set", "video.epochs=1"]) == 0
-    console = capfd.readouterr()
-    assert "ssl epoch 2/2  train_loss" in console.out and "ETA" in console.out and "ssl: done in" in console.out
-    assert console.out.count("starting (Ray Train, 1 worker(s))") == 3
-    for noise in ("core_worker.cc", "Token authentication", "\x1b[", "TrainController", "RayTrainWorker"):
-        assert noise not in console.out + console.err, noise
-    groups = set()
-    for stage in ("ssl", "finetune", "video_2"):
-        assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(out / stage)), stage
-        (run_dir,) = os.listdir(out / stage / "checkpoints")
-        assert run_dir.startswith("ray-") and run_dir.endswith(f"-{stage}")
-        groups.add(run_dir.removesuffix(f"-{stage}"))
-        assert {"wall_s", "startup_s", "data_s", "compute_s"} <= set(read_json(out / stage / "metrics.json")["timing"])
-    assert len(groups) == 1  # one TorchTrainer run served the three stages
-    on_ray = read_json(out / "finetune" / "metrics.json")["history"]
-    untimed = lambda history: [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in history]
-    for again in ("a", "b"):
-        cfg = build_config("smoke", {"out": str(tmp_path / again), "launcher": "local", "finetune.epochs": 2,
-                                     "checkpoint": str(out / "ssl" / "model.pt")})
-        assert untimed(run_command("finetune", cfg)["history"]) == untimed(on_ray)
+from conftest import SMOKE_RUN
 
 
 def test_run_writes_every_stage(smoke_run):
@@ -76,7 +49,7 @@ def test_finetune_starts_from_model_m(smoke_run):
 
 def test_a_finished_stage_is_skipped(smoke_run, capsys):
     before = (smoke_run / "ssl" / "metrics.json").read_text()
-    cfg = build_config("smoke", {"out": str(smoke_run)})
+    cfg = build_config("smoke", {"out": str(smoke_run), **SMOKE_RUN})
     assert run_command("ssl", cfg)["val_rotation_acc"] == json.loads(before)["val_rotation_acc"]
     assert "done already" in capsys.readouterr().out
     assert (smoke_run / "ssl" / "metrics.json").read_text() == before
@@ -125,7 +98,7 @@ def test_the_table_of_stages_is_whole(smoke_run):
     from raysslvit.config import SECTIONS, with_changes
     from raysslvit.stages import COMMANDS, STAGES, for_command
 
-    cfg = build_config("smoke", {"out": str(smoke_run)})
+    cfg = build_config("smoke", {"out": str(smoke_run), **SMOKE_RUN})
     order = list(STAGES)
     for key, stage in STAGES.items():
         assert (stage.worker is None) != (stage.local is None), key
