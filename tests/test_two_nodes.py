@@ -3,7 +3,6 @@ on images, video on clips) run on one two-worker TorchTrainer group across both,
 node, each stage on disjoint shards; the workers' epoch lines reach the console, Ray's own noise
 does not. (Ray and in-process give the same fit: test_launch.) Both nodes are stopped even when the
 test fails; only the processes this test started are stopped (`ray stop` would also end other tests' Ray)."""
-import json
 import os
 import signal
 import socket
@@ -11,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from raysslvit.artifacts import read_json
 
 from test_cli import ROOT
 
@@ -58,7 +59,7 @@ def test_a_study_runs_across_two_nodes(tmp_path):
         groups = set()
         # 225 images per class: 14 clips of 16 each, 140 clips dealt to 2 ranks
         for stage, images in (("ssl", 2250), ("finetune", 2250), ("video_2", 2240)):  # image batches, then clips
-            metrics = json.loads((tmp_path / stage / "metrics.json").read_text())
+            metrics = read_json(tmp_path / stage / "metrics.json")
             first = metrics["history"][0]
             assert first["train_images"] == images and first["train_images_repeated"] == 0, stage  # disjoint shards
             assert {"wall_s", "startup_s", "data_s", "compute_s"} <= set(metrics["timing"]), stage
