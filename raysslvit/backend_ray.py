@@ -92,7 +92,7 @@ class WorkerGroup:
         from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
-        self.ray_start_s = start_ray(verbose=self.cfg.verbose)
+        self.ray_start_s = start_ray(verbose=self.cfg.verbose, address=self.cfg.address)
         threads, gpu, resources = worker_resources(self.cfg)
         self.out = Queue(actor_options={"num_cpus": 0})
         self.jobs = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.cfg.num_workers)]

@@ -7,25 +7,36 @@ import os
 import time
 
 
-def start_ray(verbose: bool = False, **kwargs) -> float:
-    """Join the Ray this process already runs in (a Tune trial) or the one `RAY_ADDRESS` names (a
-    cluster); else start a local one. Keywords pass through to a Ray this call starts. Returns the
-    seconds it took, charged to the stage that started it."""
+def start_ray(verbose: bool = False, address: str = "", **kwargs) -> float:
+    """Join the Ray this process already runs in (a Tune trial) or the cluster `address` or
+    `RAY_ADDRESS` names; else start a new local one, on loopback only, never a `ray start` cluster
+    found on this machine (a dead one would hang the call). Keywords pass through to a Ray this
+    call starts. Returns the seconds it took, charged to the stage that started it."""
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return 0.0
-    if os.environ.get("RAY_ADDRESS"):
-        kwargs = {k: v for k, v in kwargs.items() if k == "log_to_driver"}  # a cluster's resources are its own
+    address = address or os.environ.get("RAY_ADDRESS", "")
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)  # the token-auth notice, Ray Data's progress lines
-    if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own, on this machine (docs/benchmark.md)
-        # Ray Train's controller looks at its workers every 2 s: a stage's end waited up to that long
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # one actor less per stage; it watches for cloud preemption, which a local machine never sees
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     started = time.perf_counter()
-    ray.init(**{"log_to_driver": verbose, "configure_logging": False, **kwargs})
+    if address:  # a cluster's resources are its own
+        kwargs = {k: v for k, v in kwargs.items() if k == "log_to_driver"}
+        ray.init(address=address, **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
+        return time.perf_counter() - started
+    # a Ray of our own (docs/benchmark.md): Ray Train's controller looks at its workers every 2 s,
+    # so a stage's end waited up to that long; the preemption watcher is an actor per group that
+    # watches for cloud preemption, which a local machine never sees
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray gives a local node the machine's network address (and listens on every interface) unless
+    # it thinks clusters are off, as on macOS; `_node_ip_address="127.0.0.1"` is mapped back to it
+    cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
     return time.perf_counter() - started
 
 

@@ -189,9 +189,7 @@ def run_study(args):
     source_digest(base.data.data, base.data.data_dir)  # a missing data folder fails here, not in every trial
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
     storage = args.storage_path if "://" in args.storage_path else os.path.abspath(args.storage_path)
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address
-    start_ray(verbose=False, log_to_driver=True)  # Tune's console shows its trials' lines
+    start_ray(verbose=False, address=args.address, log_to_driver=True)  # Tune's console shows its trials' lines
     path = os.path.join(storage, name)
     if spec["shared"] and "checkpoint" not in spec["overrides"]:  # M once for every trial (reused while unchanged)
         if "://" in storage:

@@ -97,7 +97,7 @@ def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
     meta = {"id": sum((splits.image_ids(s) for s in SPLITS), []),
             "split": sum(([s] * len(splits.split(s)[1]) for s in SPLITS), []),
             "label": np.concatenate([splits.split(s)[1].numpy() for s in SPLITS])}
-    start_ray(verbose=cfg.verbose)
+    start_ray(verbose=cfg.verbose, address=cfg.address)
     import ray
 
     use_gpu = cfg.use_gpu != "false" and ray.cluster_resources().get("GPU", 0) > 0
