@@ -10,7 +10,7 @@ from raysslvit.config import SECTIONS, Config, build_config, parse_assignments
 from raysslvit.errors import OneLineParser, UserError, run_cli
 
 COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
-          "checkpoint", "verbose", "address")
+          "checkpoint", "verbose", "address", "storage")
 
 
 SWITCHES = ("verbose",)  # fields given as a bare flag

@@ -26,6 +26,7 @@ from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, run_job
 from raysslvit.rundir import LatestCheckpoint, RunFolder
+from raysslvit.storage import Storage
 
 
 def _serve(loop_config: dict) -> None:
@@ -93,15 +94,21 @@ class WorkerGroup:
         from ray.util.queue import Queue
 
         self.ray_start_s = start_ray(verbose=self.cfg.verbose, address=self.cfg.address)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        if nodes > 1 and not self.cfg.storage:  # Ray Train's own rule for a run across nodes
+            raise UserError(f"this Ray has {nodes} nodes: a multi-node run needs --storage (a folder every node "
+                            f"sees, or s3://bucket/prefix), where its checkpoints and results are kept")
         threads, gpu, resources = worker_resources(self.cfg)
         self.out = Queue(actor_options={"num_cpus": 0})
         self.jobs = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.cfg.num_workers)]
         self.quiet = self.verbose or ray.get_runtime_context().get_actor_id() is not None  # Tune shows trials' lines
         self.name = f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        storage = (Storage(self.cfg.storage).ray_train() if self.cfg.storage else
+                   {"storage_path": os.path.join(self.cfg.out_dir, ".ray_train")})
         trainer = TorchTrainer(
             _serve, train_loop_config={"jobs": self.jobs, "out": self.out, "threads": threads},
             scaling_config=ScalingConfig(num_workers=self.cfg.num_workers, use_gpu=gpu, resources_per_worker=resources),
-            run_config=RunConfig(name=self.name, storage_path=os.path.join(self.cfg.out_dir, ".ray_train"),
+            run_config=RunConfig(name=self.name, **storage,
                                  failure_config=FailureConfig(max_failures=self.cfg.max_failures),
                                  callbacks=self.callbacks))
 

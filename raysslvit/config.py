@@ -213,6 +213,7 @@ class Config:
     checkpoint: str = ""  # the encoder for probe / finetune / video, and analyze's "before"; default <out>/ssl/model.pt
     verbose: bool = False  # Ray's own log lines on the console too (no result depends on it)
     address: str = ""  # a Ray cluster to join (default RAY_ADDRESS; none: a new local Ray on loopback)
+    storage: str = ""  # a shared folder or s3://... that every node reaches: results, checkpoints (storage.py)
     data: DataConfig = field(default_factory=DataConfig)
     model: ViTConfig = field(default_factory=ViTConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)

@@ -26,6 +26,7 @@ from raysslvit.artifacts import file_digest, provenance, save_torch, try_read_js
 from raysslvit.config import PATH_KEYS, RUNTIME_KEYS, SECTIONS, Config, TrainConfig
 from raysslvit.data import source_digest
 from raysslvit.errors import UserError
+from raysslvit.storage import Storage
 
 
 def stage_fingerprint(cfg: Config, section: str, inputs: dict[str, str] | None = None) -> dict:
@@ -130,14 +131,16 @@ class LatestCheckpoint:
     kept: what `RunFolder.resume_point` finds after a crash. `state` is the latest one written."""
 
     def __init__(self, folder: "RunFolder", run: str, meta: dict):
-        self.run_dir, self.meta = os.path.join(folder.checkpoints, run), meta
+        self.folder, self.run_dir, self.meta = folder, os.path.join(folder.checkpoints, run), meta
         self.state, self._path = None, None
 
     def save(self, epoch: int, state: dict) -> None:
         directory = os.path.join(self.run_dir, f"checkpoint_{epoch:06d}")
         write_checkpoint(directory, state, {**self.meta, "epoch": epoch})
+        self.folder.push(directory)
         if self._path:
             shutil.rmtree(self._path, ignore_errors=True)
+            self.folder.unpush(self._path)
         self.state, self._path = state, directory
 
 
@@ -153,10 +156,11 @@ def load_state(directory: str | None) -> dict | None:
 
 
 class RunFolder:
-    """`<out>/<stage>/` for one fingerprint."""
+    """`<out>/<stage>/` for one fingerprint; with a `Storage`, its files are mirrored there."""
 
-    def __init__(self, out_dir: str, stage: str, fingerprint: dict):
+    def __init__(self, out_dir: str, stage: str, fingerprint: dict, storage: Storage | None = None):
         self.stage, self.fingerprint = stage, fingerprint
+        self.storage = storage.child(stage) if storage is not None else None
         self.path = os.path.join(out_dir, stage)
         self.checkpoints = os.path.join(self.path, "checkpoints")
         self._redoing = False  # said so already: stale checkpoints go without a second line
@@ -207,6 +211,8 @@ class RunFolder:
             f.write(f"pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             f.flush()
             try:
+                if self.storage is not None and (fetched := self.storage.pull(self.path)):
+                    self._say(f"{len(fetched)} file(s) fetched from {self.storage.uri}")
                 yield self
             finally:
                 f.truncate(0)
@@ -233,6 +239,16 @@ class RunFolder:
 
     def clear_checkpoints(self) -> None:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+        self.unpush(self.checkpoints)
+
+    def push(self, path: str) -> None:
+        """A file or folder of this stage's, written, to the storage (when there is one)."""
+        if self.storage is not None:
+            self.storage.push(self.path, os.path.relpath(path, self.path))
+
+    def unpush(self, path: str) -> None:
+        if self.storage is not None:
+            self.storage.remove(os.path.relpath(path, self.path))
 
     def write(self, cfg: Config, metrics: dict, model: dict | None = None, **extra) -> None:
         """The result, atomically; config.json (the fingerprint, every output's size and sha256)
@@ -240,6 +256,9 @@ class RunFolder:
         if model is not None:
             save_torch(os.path.join(self.path, "model.pt"), model)
         write_json(os.path.join(self.path, "metrics.json"), metrics)
+        outputs = output_files(self.path)
         write_json(os.path.join(self.path, "config.json"), {
             "config": cfg.to_dict(), "fingerprint": self.fingerprint, "seed": cfg.seed,
-            "outputs": output_files(self.path), **extra, **provenance()})
+            "outputs": outputs, **extra, **provenance()})
+        for name in [*outputs, "config.json"]:  # config.json last there too: only a whole result matches
+            self.push(os.path.join(self.path, name))

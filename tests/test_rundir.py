@@ -229,3 +229,25 @@ def test_one_writer_per_stage_folder(tmp_path, capsys):
     assert _ssl(tmp_path) == 0
     assert f"ssl: taking over the lock of pid {holder.pid} on " in capsys.readouterr().out
     assert (tmp_path / "ssl" / "metrics.json").exists()
+
+
+def test_storage_holds_every_output_and_a_new_folder_is_filled_from_it(tmp_path, capsys):
+    """--storage (here a folder; S3 in test_two_nodes): each checkpoint and the result are copied there,
+    the last checkpoint only; a driver with an empty run folder fetches them and finds the stage done."""
+    store = tmp_path / "storage"
+    assert _ssl(tmp_path / "a", "--storage", str(store), "--epochs", "2") == 0
+    kept = sorted(str(p.relative_to(store / "ssl")) for p in (store / "ssl").rglob("*") if p.is_file())
+    assert [k for k in kept if "checkpoints" not in k] == ["config.json", "metrics.json", "model.pt"]
+    assert [os.path.basename(os.path.dirname(k)) for k in kept if k.endswith("state.pt")] == ["checkpoint_000002"]
+    assert (store / "ssl" / "model.pt").read_bytes() == (tmp_path / "a" / "ssl" / "model.pt").read_bytes()
+    capsys.readouterr()
+    assert _ssl(tmp_path / "b", "--storage", str(store), "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert f"ssl: 5 file(s) fetched from {store / 'ssl'}" in out and "ssl: done already" in out
+
+
+def test_storage_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")  # an S3 endpoint that does not answer: "cannot reach --storage ..."
+    assert _ssl(tmp_path / "out", "--storage", str(tmp_path / "file")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"raysslvit: error: --storage {tmp_path / 'file'} is a file, not a folder"]

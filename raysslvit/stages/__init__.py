@@ -20,6 +20,8 @@ from raysslvit.config import Config, with_changes
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, WorkerFn, launch
 from raysslvit.rundir import RunFolder, load_state, stage_fingerprint
+from raysslvit import storage
+from raysslvit.storage import Storage
 from raysslvit.stages import analyze, captions, finetune, fusion, probe, ssl, video
 from raysslvit.stages.common import encoder_path, load_data, read_checkpoint
 
@@ -107,7 +109,7 @@ def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable
     an open Ray Train worker group to run on (`run_study` keeps one for consecutive stages)."""
     paths = stage.inputs(cfg)
     fp = stage.fingerprint(cfg, paths) if stage.fingerprint else stage_fingerprint(cfg, stage.section, paths)
-    folder = RunFolder(cfg.out_dir, stage.folder, fp)
+    folder = RunFolder(cfg.out_dir, stage.folder, fp, Storage(cfg.storage) if cfg.storage else None)
     with folder.claim():
         if fresh:
             folder.clear_checkpoints()
@@ -189,6 +191,8 @@ def run_study(cfg: Config, fresh: bool = False, stages: str = "") -> dict:
         bar.close()
     write_json(os.path.join(cfg.out_dir, "study.json"), {"steps": steps, "skipped": skipped,
                                                          "wall_s": time.perf_counter() - started})
+    if cfg.storage:
+        Storage(cfg.storage).push(cfg.out_dir, "study.json")
     return results
 
 
@@ -199,7 +203,12 @@ def run_seeds(cfg: Config, seeds: list[int], fresh: bool = False, stages: str = 
     if len(seeds) > 1:
         for seed in seeds:
             print(f"=== seed {seed} ===", flush=True)
-            run_study(replace(cfg, seed=seed, out=os.path.join(cfg.out_dir, f"seed_{seed}")), fresh, stages)
+            run_study(replace(cfg, seed=seed, out=os.path.join(cfg.out_dir, f"seed_{seed}"),
+                              storage=storage.join(cfg.storage, f"seed_{seed}") if cfg.storage else ""), fresh, stages)
     else:
         run_study(replace(cfg, seed=seeds[0]) if seeds else cfg, fresh, stages)
-    return report.build(cfg.out_dir)
+    results = report.build(cfg.out_dir)
+    if cfg.storage:
+        for name in report.FILES:
+            Storage(cfg.storage).push(cfg.out_dir, name)
+    return results
