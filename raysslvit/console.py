@@ -20,21 +20,23 @@ def start_ray(verbose: bool = False, address: str = "", **kwargs) -> float:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)  # the token-auth notice, Ray Data's progress lines
-    started = time.perf_counter()
     if address:  # a cluster's resources are its own
         kwargs = {k: v for k, v in kwargs.items() if k == "log_to_driver"}
-        ray.init(address=address, **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
-        return time.perf_counter() - started
-    # a Ray of our own (docs/benchmark.md): Ray Train's controller looks at its workers every 2 s,
-    # so a stage's end waited up to that long; the preemption watcher is an actor per group that
-    # watches for cloud preemption, which a local machine never sees
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray gives a local node the machine's network address (and listens on every interface) unless
-    # it thinks clusters are off, as on macOS; `_node_ip_address="127.0.0.1"` is mapped back to it
-    cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    else:
+        # a Ray of our own (docs/benchmark.md): Ray Train's controller looks at its workers every 2 s,
+        # so a stage's end waited up to that long; the preemption watcher is an actor per group that
+        # watches for cloud preemption, which a local machine never sees
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray gives this process's node the machine's network address (and listens on every interface)
+    # unless it thinks clusters are off, as on macOS (`_node_ip_address="127.0.0.1"` is mapped back
+    # to that address): so for a Ray of our own, and to join one on loopback (a test's, a Tune
+    # study's trials joining its driver's)
+    loopback = not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost")
+    started = time.perf_counter()
+    cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, not loopback
     try:
-        ray.init(address="local", **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
+        ray.init(address=address or "local", **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
     return time.perf_counter() - started

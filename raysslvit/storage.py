@@ -56,6 +56,8 @@ class Storage:
     def push(self, local_root: str, rel: str) -> None:
         """The file or folder `local_root/rel` to the same place here (a folder's files one by one)."""
         path = os.path.join(local_root, rel)
+        if os.path.realpath(path) == os.path.realpath(posixpath.join(self.root, rel)):
+            return  # the storage is this very folder
         names = ([rel] if os.path.isfile(path) else
                  [os.path.relpath(os.path.join(d, n), local_root) for d, _, files in os.walk(path) for n in files])
         for name in sorted(names):

@@ -17,10 +17,12 @@ from dataclasses import replace
 
 import yaml
 
+from raysslvit import storage
 from raysslvit.artifacts import atomic_path
 from raysslvit.config import PATH_KEYS, build_config, parse_assignments
 from raysslvit.data import source_digest
 from raysslvit.errors import OneLineParser, UserError, run_cli
+from raysslvit.storage import Storage
 
 SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tune_spaces")
 KEYS = {"description", "shared", "stages", "preset", "overrides", "space", "seeds", "metric", "mode", "scheduler",
@@ -117,7 +119,10 @@ def trial(config: dict, spec: dict, preset: str) -> None:
     from raysslvit.stages import run_command
 
     resources = spec["resources"]
-    overrides = {**spec["overrides"], **config, "out": os.path.join(tune.get_context().get_trial_dir(), "stages"),
+    trial_dir = tune.get_context().get_trial_dir()  # on this trial's node, in Ray's session folder
+    # its stages' folders also in the study's storage: a resumed trial finds its finished stages there
+    overrides = {**spec["overrides"], **config, "out": os.path.join(trial_dir, "stages"),
+                 "storage": storage.join(spec["storage"], os.path.basename(trial_dir), "stages"),
                  "cpus_per_worker": resources.get("cpus_per_worker", 1)}
     cfg = build_config(preset, overrides)
     trained = _commands()[1]
@@ -157,17 +162,14 @@ def results_table(results, spec: dict, metric: str, mode: str):
     return pd.DataFrame(rows)
 
 
-def write_table(table, path: str) -> None:
-    """results.parquet and results.csv in the study folder: local (atomically) or a cloud URI."""
+def write_table(table, study: Storage) -> None:
+    """results.parquet and results.csv in the study folder: local (atomically) or in an object store."""
     for ext, write in (("parquet", table.to_parquet), ("csv", table.to_csv)):
-        if "://" in path:  # an object store's put is atomic already
-            import pyarrow.fs
-
-            fs, root = pyarrow.fs.FileSystem.from_uri(path)
-            with fs.open_output_stream(f"{root}/results.{ext}") as f:
+        if "://" in study.uri:  # an object store's put is atomic already
+            with study.fs.open_output_stream(f"{study.root}/results.{ext}") as f:
                 write(f, index=False)
         else:
-            with atomic_path(os.path.join(path, f"results.{ext}")) as tmp:
+            with atomic_path(os.path.join(study.root, f"results.{ext}")) as tmp:
                 write(tmp, index=False)
 
 
@@ -188,13 +190,16 @@ def run_study(args):
     base = build_config(preset, spec["overrides"])
     source_digest(base.data.data, base.data.data_dir)  # a missing data folder fails here, not in every trial
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
-    storage = args.storage_path if "://" in args.storage_path else os.path.abspath(args.storage_path)
+    remote = "://" in args.storage_path
+    root = Storage(args.storage_path if remote else os.path.abspath(args.storage_path))
+    study, spec["storage"] = root.child(name), storage.join(root.uri, name)
+    # Tune and its trials keep their state in that storage; a URI's file system is passed as such
+    where = {"storage_filesystem": root.fs} if remote else {}
     start_ray(verbose=False, address=args.address, log_to_driver=True)  # Tune's console shows its trials' lines
-    path = os.path.join(storage, name)
     if spec["shared"] and "checkpoint" not in spec["overrides"]:  # M once for every trial (reused while unchanged)
-        if "://" in storage:
+        if remote:
             raise UserError("a study with shared stages needs a local --storage-path")
-        shared = build_config(preset, {**spec["overrides"], "out": os.path.join(path, "shared")})
+        shared = build_config(preset, {**spec["overrides"], "out": os.path.join(study.root, "shared")})
         run_command("ssl", shared)
         spec["overrides"]["checkpoint"] = os.path.join(shared.out_dir, "ssl", "model.pt")
     sched = spec["scheduler"]
@@ -210,24 +215,25 @@ def run_study(args):
                         f"lower resources in {os.path.basename(spec['path'])} or --set launcher=local")
     concurrent = args.max_concurrent or (max(1, total // per_trial) if total else 0)
     if args.resume:
-        if not tune.Tuner.can_restore(path):
-            raise UserError(f"no study to resume at {path}")
-        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+        if not tune.Tuner.can_restore(study.root, **where):
+            raise UserError(f"no study to resume at {study.uri}")
+        tuner = tune.Tuner.restore(study.root, trainable=fn, resume_errored=True, **where)
     else:
         tuner = tune.Tuner(fn, param_space=param_space(spec),
                            tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], scheduler=scheduler,
                                                        num_samples=args.num_samples or spec["num_samples"],
                                                        max_concurrent_trials=concurrent),
-                           run_config=tune.RunConfig(name=name, storage_path=storage))
+                           run_config=tune.RunConfig(name=name, storage_path=root.root, **where))
     results = tuner.fit()
     table = results_table(results, spec, spec["metric"], spec["mode"])
-    write_table(table, path)
+    write_table(table, study)
     finished = table[table["status"] == "finished"]
     if len(finished):
         best = finished.sort_values(spec["metric"], ascending=spec["mode"] == "min").iloc[0]
         tests = " ".join(f"{k} {best[k]:.4f}" for k in table if k.endswith("test_acc"))
         print(f"best: {', '.join(f'{f}={best[f]}' for f in spec['space'])} seed={best['seed']}  "
-              f"{spec['metric']} {best[spec['metric']]:.4f}  {tests}\nresults in {path}/results.parquet", flush=True)
+              f"{spec['metric']} {best[spec['metric']]:.4f}  {tests}\nresults in {storage.join(study.uri, 'results.parquet')}",
+              flush=True)
     ray.shutdown()
     return table
 

@@ -56,3 +56,5 @@ def test_an_interrupted_study_resumes_without_redoing_finished_trials(tune_study
     assert open(tune_study["first_trial"]).read() == tune_study["first_records"]  # not run again
     assert (table["probe.test_acc"] > 0.1).all()
     assert "best: ssl.mask_ratio=" in tune_study["resumed"].stdout
+    for trial in table["trial"]:  # every trial's stages in the study's storage too: a resumed trial finds them
+        assert (tune_study["path"] / trial / "stages" / "probe" / "config.json").exists(), trial
