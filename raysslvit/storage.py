@@ -42,10 +42,16 @@ class Storage:
         if found == pyarrow.fs.FileType.File:
             raise UserError(f"--storage {uri} is a file, not a folder")
 
+    @property
+    def local(self) -> bool:
+        import pyarrow.fs
+
+        return isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+
     def child(self, *parts: str) -> "Storage":
         return Storage(join(self.uri, *parts), self.fs, posixpath.join(self.root, *parts))
 
-    def _files(self, rel: str = "") -> dict[str, int]:
+    def files(self, rel: str = "") -> dict[str, int]:
         """{path relative to this folder: size} of every file under `rel`."""
         import pyarrow.fs
 
@@ -56,7 +62,7 @@ class Storage:
     def push(self, local_root: str, rel: str) -> None:
         """The file or folder `local_root/rel` to the same place here (a folder's files one by one)."""
         path = os.path.join(local_root, rel)
-        if os.path.realpath(path) == os.path.realpath(posixpath.join(self.root, rel)):
+        if self.local and os.path.realpath(path) == os.path.realpath(posixpath.join(self.root, rel)):
             return  # the storage is this very folder
         names = ([rel] if os.path.isfile(path) else
                  [os.path.relpath(os.path.join(d, n), local_root) for d, _, files in os.walk(path) for n in files])
@@ -81,7 +87,7 @@ class Storage:
         """The files under `rel` here that `local_root` lacks, copied there (each atomically);
         returns their names."""
         try:
-            files = self._files(rel)
+            files = self.files(rel)
         except OSError as e:
             raise UserError(f"cannot read --storage {self.uri} ({str(e).splitlines()[0]})") from None
         fetched = []

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from raysslvit.artifacts import read_json
+from raysslvit.storage import Storage
 
 from test_cli import ROOT
 
@@ -77,6 +77,11 @@ def start_s3(folder: str) -> tuple[subprocess.Popen, str]:
     return server, f"s3://runs/{{}}?endpoint_override={endpoint}&scheme=http"
 
 
+def read_stored(stored, name: str):
+    with stored.fs.open_input_stream(f"{stored.root}/{name}") as f:
+        return json.loads(f.read())
+
+
 def stop(procs) -> None:
     for proc in reversed(procs):  # SIGKILL: asked to stop, `ray start --block` takes 30 s over it
         os.killpg(proc.pid, signal.SIGKILL)  # the process and all it started
@@ -101,19 +106,22 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
         address = f"127.0.0.1:{port}"
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--block"]
+        agent = lambda: ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
         # `ray start` turns token authentication on; this loopback cluster's clients have no token
         env = {**os.environ, "PYTHONPATH": ROOT, "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
         quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        procs.append(subprocess.Popen([ray, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                                       "--temp-dir", temp, *common], **quiet))
+        dashboard = free_port()  # the job server: `ray job submit` below
+        procs.append(subprocess.Popen([ray, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+                                       "--dashboard-port", str(dashboard), *agent(), "--temp-dir", temp, *common], **quiet))
         wait_for("the head node", lambda: listening(port), procs[-1])
         # the second node: its own view of tmp_path (the run and data folders), empty
-        node = f"mount -t tmpfs tmpfs {tmp_path} && exec {ray} start --address {address} {' '.join(common)}"
+        node = f"mount -t tmpfs tmpfs {tmp_path} && exec {ray} start --address {address} {' '.join(agent() + common)}"
         procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c", node], **quiet))
         # the run's two 1-CPU workers wait for the second node's CPU: no wait for it here
-        where = ["--address", address, "--data-root", str(tmp_path / "data"), "--storage", bucket.format("study")]
-        driver = subprocess.Popen([sys.executable, "-m", "raysslvit", *RUN, *where, "--out", str(tmp_path / "a")],
+        where = ["--data-root", str(tmp_path / "data"), "--storage", bucket.format("study")]
+        driver = subprocess.Popen([sys.executable, "-m", "raysslvit", *RUN, *where, "--address", address,
+                                   "--out", str(tmp_path / "a")],
                                   env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)
         seen = []
@@ -124,24 +132,30 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
         assert any(line.startswith("ssl epoch 2/3") for line in seen), "".join(seen)[-3000:]
-        # again, from an empty folder: a driver on another machine, with only the storage in common
-        run = subprocess.run([sys.executable, "-m", "raysslvit", *RUN, *where, "--out", str(tmp_path / "b")],
-                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        assert re.search(r"^ssl: \d+ file\(s\) fetched from s3://runs/study/ssl", run.stdout, re.M)  # its checkpoint
-        assert "ssl: resumed after epoch" in run.stdout
-        assert run.stdout.count("starting (Ray Train, 2 worker(s)") == 3
         for noise in ("core_worker.cc", "Token authentication", "\x1b[", "TrainController", "RayTrainWorker"):
-            assert noise not in run.stdout + run.stderr, noise
+            assert noise not in "".join(seen), noise
+        # again as a Ray job: its driver on the head, in a fresh copy of the checkout (an empty run
+        # folder, as on another machine), the storage the one thing it shares with the killed one
+        job = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ROOT,
+                              "--runtime-env-json", json.dumps({"env_vars": CREDENTIALS}), "--",
+                              sys.executable, "-m", "raysslvit", *RUN, *where],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+        assert re.search(r"^ssl: \d+ file\(s\) fetched from s3://runs/study/ssl", job.stdout, re.M)  # its checkpoint
+        assert "ssl: resumed after epoch" in job.stdout
+        assert job.stdout.count("starting (Ray Train, 2 worker(s)") == 3
+        stored = Storage(bucket.format("study"))
         groups = set()
         # 225 images per class: 14 clips of 16 each, 140 clips dealt to 2 ranks
         for stage, images in (("ssl", 2250), ("finetune", 2250), ("video_2", 2240)):  # image batches, then clips
-            metrics = read_json(tmp_path / "b" / stage / "metrics.json")
-            first = metrics["history"][-1]
-            assert first["train_images"] == images and first["train_images_repeated"] == 0, stage  # disjoint shards
-            runs = os.listdir(tmp_path / "b" / stage / "checkpoints")
+            metrics = read_stored(stored, f"{stage}/metrics.json")
+            last = metrics["history"][-1]
+            assert last["train_images"] == images and last["train_images_repeated"] == 0, stage  # disjoint shards
+            runs = {name.split("/")[0] for name in stored.child(stage, "checkpoints").files()}
             groups |= {r.removesuffix(f"-{stage}") for r in runs if r.endswith(f"-{stage}")}
         assert len(groups) == 2  # ssl's checkpoint of the killed run, and one group for the three stages
+        two = read_stored(stored, "results.json")
+        assert "report.html" in stored.files()
         # without --storage, a run on two nodes stops before any worker starts
         bare = subprocess.run([sys.executable, "-m", "raysslvit", "ssl", "--address", address, "--out", str(tmp_path / "c")],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -155,7 +169,6 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
     # the same study on one node with one shared disk, uninterrupted: the same figures
     args = build_parser().parse_args([*RUN, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "one")])
     one = run_seeds(config_from_args(args), [], stages=args.stages)
-    two = read_json(tmp_path / "b" / "results.json")
     figures = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("_s") and k != "timing"}
     for stage in ("ssl", "finetune", "video_2"):
         assert figures(two[stage]) == figures(one[stage]), stage
