@@ -127,8 +127,25 @@ def image_folder_digest(root: str, files: dict | None = None) -> str:
     return digest.hexdigest()
 
 
+# data the driver decoded and handed to this process (a Tune trial, on any node), by source and split
+_handed: dict[tuple, tuple[str, "Splits"]] = {}
+
+
+def hand(data: str, data_dir: str, val_fraction: float, split_seed: int, digest: str, splits: "Splits") -> None:
+    """Take the driver's decoded splits and digest of a source: `handed` and `source_digest` give
+    them back, so this process never reads the data folder (which its node may not have)."""
+    _handed[(data, data_dir, val_fraction, split_seed)] = (digest, splits)
+
+
+def handed(data: str, data_dir: str, val_fraction: float, split_seed: int) -> "Splits | None":
+    given = _handed.get((data, data_dir, val_fraction, split_seed))
+    return given[1] if given else None
+
+
 def source_digest(data: str, data_dir: str = "") -> str:
     """The content of a data source, for the fingerprints of results made from it."""
+    if given := next((digest for key, (digest, _) in _handed.items() if key[:2] == (data, data_dir)), None):
+        return given
     if data == "sample":
         with open(SAMPLE_ZIP, "rb") as f:
             return "sample:" + hashlib.sha1(f.read()).hexdigest()

@@ -20,7 +20,7 @@ import yaml
 from raysslvit import storage
 from raysslvit.artifacts import atomic_path
 from raysslvit.config import PATH_KEYS, build_config, parse_assignments
-from raysslvit.data import source_digest
+from raysslvit.data import hand, source_digest
 from raysslvit.errors import OneLineParser, UserError, run_cli
 from raysslvit.storage import Storage
 
@@ -111,8 +111,9 @@ def param_space(spec: dict) -> dict:
 # --- one trial ------------------------------------------------------------------------------------
 
 
-def trial(config: dict, spec: dict, preset: str) -> None:
-    """A Tune trial: the study's stages in order, in the trial's own folder."""
+def trial(config: dict, spec: dict, preset: str, data: tuple | None = None) -> None:
+    """A Tune trial: the study's stages in order, in the trial's own folder. `data`: the driver's
+    (digest, decoded splits), through Ray's object store: a trial never reads the data folder."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -125,6 +126,9 @@ def trial(config: dict, spec: dict, preset: str) -> None:
                  "storage": storage.join(spec["storage"], os.path.basename(trial_dir), "stages"),
                  "cpus_per_worker": resources.get("cpus_per_worker", 1)}
     cfg = build_config(preset, overrides)
+    if data is not None:
+        d = cfg.data
+        hand(d.data, d.data_dir, d.val_fraction, d.split_seed, *data)
     trained = _commands()[1]
     last_trained = [s for s in spec["stages"] if s in trained][-1]
     final = {}
@@ -180,6 +184,7 @@ def run_study(args):
 
     from raysslvit.console import start_ray
     from raysslvit.stages import run_command
+    from raysslvit.stages.common import load_data
 
     spec = load_space(args.space)
     preset = args.preset or spec["preset"]
@@ -188,7 +193,10 @@ def run_study(args):
         spec["overrides"][key] = os.path.abspath(os.path.expanduser(spec["overrides"][key]))
     check_points(spec, preset)
     base = build_config(preset, spec["overrides"])
-    source_digest(base.data.data, base.data.data_dir)  # a missing data folder fails here, not in every trial
+    digest = source_digest(base.data.data, base.data.data_dir)  # a missing data folder fails here, not in every trial
+    # decoded once, here, and handed to every trial on every node through the object store (unless
+    # the study varies the data itself)
+    data = None if any(f.startswith("data.") for f in spec["space"]) else (digest, load_data(base))
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
     remote = "://" in args.storage_path
     root = Storage(args.storage_path if remote else os.path.abspath(args.storage_path))
@@ -206,7 +214,7 @@ def run_study(args):
     scheduler = ASHAScheduler(grace_period=sched.get("grace_period", 1), max_t=10**6) if sched["type"] == "asha" else None
     res = spec["resources"]
     trial_cpu = res.get("trial_cpu", 1)
-    fn = tune.with_resources(tune.with_parameters(trial, spec=spec, preset=preset), {"cpu": trial_cpu})
+    fn = tune.with_resources(tune.with_parameters(trial, spec=spec, preset=preset, data=data), {"cpu": trial_cpu})
     # Tune reserves only the trial's own CPUs; its TorchTrainer asks for more later: leave room for it
     per_trial = trial_cpu + (res.get("cpus_per_worker", 1) * base.num_workers if base.launcher == "ray" else 0)
     total = int(ray.cluster_resources().get("CPU", 0))  # 0: an autoscaling cluster with no workers yet

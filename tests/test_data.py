@@ -99,3 +99,19 @@ def test_simclr_views_are_batched_random_and_normalised():
     assert a.shape == (64, 3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, again) and not torch.allclose(a, b)
     assert a.min() >= -2.1 and a.max() <= 2.2  # within the normalised range of [0, 1] pixels
+
+
+def test_a_process_handed_its_data_never_reads_the_data_folder(tmp_path, monkeypatch):
+    """A Tune trial on a node without the data folder: the driver's splits and digest, handed over."""
+    from raysslvit import data
+    from raysslvit.config import build_config
+    from raysslvit.data import hand
+    from raysslvit.rundir import stage_fingerprint
+    from raysslvit.stages.common import load_data
+
+    monkeypatch.setattr(data, "_handed", {})  # this process's, for this test only
+    sample = load_data(build_config("smoke", {}))
+    cfg = build_config("smoke", {"data.data": "dir", "data.data_dir": str(tmp_path / "on-the-driver-only")})
+    hand(cfg.data.data, cfg.data.data_dir, cfg.data.val_fraction, cfg.data.split_seed, "dir:driver's", sample)
+    assert load_data(cfg) is sample
+    assert stage_fingerprint(cfg, "ssl")["data"]["source"] == "dir:driver's"

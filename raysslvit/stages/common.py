@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from raysslvit.config import Config
-from raysslvit.data import Splits, load_splits, source_digest
+from raysslvit.data import Splits, handed, load_splits, source_digest
 from raysslvit.errors import UserError
 from raysslvit.vit import ViTConfig, VisionTransformer
 
@@ -19,6 +19,8 @@ def load_data(cfg: Config) -> Splits:
     """The config's splits, decoded (and so validated) once per process while the source's content
     is unchanged: every stage of a study uses the same ones."""
     d = cfg.data
+    if (given := handed(d.data, d.data_dir, d.val_fraction, d.split_seed)) is not None:
+        return given
     key = (d.data, d.data_dir, d.data_root, d.val_fraction, d.split_seed, source_digest(d.data, d.data_dir))
     if key not in _decoded:
         _decoded.clear()  # one source at a time: a study uses one
