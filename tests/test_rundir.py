@@ -233,7 +233,8 @@ def test_one_writer_per_stage_folder(tmp_path, capsys):
 
 def test_storage_holds_every_output_and_a_new_folder_is_filled_from_it(tmp_path, capsys):
     """--storage (here a folder; S3 in test_two_nodes): each checkpoint and the result are copied there,
-    the last checkpoint only; a driver with an empty run folder fetches them and finds the stage done."""
+    the last checkpoint only; a driver with an empty run folder fetches them and finds the stage done,
+    or fetches the results a later stage reads."""
     store = tmp_path / "storage"
     assert _ssl(tmp_path / "a", "--storage", str(store), "--epochs", "2") == 0
     kept = sorted(str(p.relative_to(store / "ssl")) for p in (store / "ssl").rglob("*") if p.is_file())
@@ -244,6 +245,9 @@ def test_storage_holds_every_output_and_a_new_folder_is_filled_from_it(tmp_path,
     assert _ssl(tmp_path / "b", "--storage", str(store), "--epochs", "2") == 0
     out = capsys.readouterr().out
     assert f"ssl: 5 file(s) fetched from {store / 'ssl'}" in out and "ssl: done already" in out
+    # a later stage alone, from yet another empty folder: M comes from the storage too
+    assert main(["probe", "--launcher", "local", "--out", str(tmp_path / "c"), "--storage", str(store), "--epochs", "1"]) == 0
+    assert (store / "probe" / "config.json").exists() and (tmp_path / "c" / "ssl" / "model.pt").exists()
 
 
 def test_storage_that_is_a_file_is_one_line(tmp_path, capsys):

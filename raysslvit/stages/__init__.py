@@ -101,12 +101,19 @@ def for_command(command: str, cfg: Config) -> Stage:
                 replace(first, key=folder, folder=folder))
 
 
+def fetch_needs(stage: Stage, cfg: Config) -> None:
+    """With --storage, the results of the steps a stage reads that this driver's folder lacks."""
+    for need in stage.needs if cfg.storage else ():
+        Storage(cfg.storage).child(STAGES[need].folder).pull(os.path.join(cfg.out_dir, STAGES[need].folder))
+
+
 def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable[[dict], None] | None = None,
               callbacks: list | None = None, group=None) -> dict:
     """Any stage in `<out>/<folder>/`: its inputs resolved and checked on the driver, skipped when a
     verified result of the same fingerprint exists, resumed from a checkpoint of it, else run (its
     workers handed the data and the inputs' contents); one process at a time in a folder. `group`:
     an open Ray Train worker group to run on (`run_study` keeps one for consecutive stages)."""
+    fetch_needs(stage, cfg)
     paths = stage.inputs(cfg)
     fp = stage.fingerprint(cfg, paths) if stage.fingerprint else stage_fingerprint(cfg, stage.section, paths)
     folder = RunFolder(cfg.out_dir, stage.folder, fp, Storage(cfg.storage) if cfg.storage else None)
@@ -128,6 +135,7 @@ def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable
 
 def run_command(command: str, cfg: Config, fresh: bool = False, **hooks) -> dict:
     """`python -m raysslvit <command>`: its record for this config, run in its folder."""
+    fetch_needs(next(s for s in STAGES.values() if s.command == command), cfg)  # the record may depend on them
     return run_stage(for_command(command, cfg), cfg, fresh, **hooks)
 
 
