@@ -60,7 +60,10 @@ RUN_ONLY = ("stage", "set", "fresh", "stages", "seeds")
 def config_from_args(args) -> Config:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in RUN_ONLY}
     overrides.update(parse_assignments(args.set))
-    return build_config(overrides.pop("preset", "smoke"), overrides)
+    cfg = build_config(overrides.pop("preset", "smoke"), overrides)
+    # the run folder fixed now: a Ray job's cwd (its working folder, which Ray manages) was seen to
+    # vanish while the job ran
+    return dataclasses.replace(cfg, out=cfg.out_dir)
 
 
 def main(argv=None) -> int:

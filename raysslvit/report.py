@@ -22,9 +22,9 @@ from raysslvit.artifacts import atomic_path, try_read_json, write_json
 from raysslvit.errors import UserError
 from raysslvit.stages import STAGES
 
-# (results key, metric, what it is, the study's figure)
 # what `build` writes into the run folder, beside the stages' folders
 FILES = ("report.html", "report.md", "results.json", "training_curves.png")
+# (results key, metric, what it is, the study's figure)
 TABLE = [
     ("probe", "test_acc_cls", "linear probe of M, final CLS (the study's protocol)", 0.3851),
     ("probe", "test_acc", "linear probe of M, the chosen features", None),

@@ -52,12 +52,18 @@ class Storage:
         return Storage(join(self.uri, *parts), self.fs, posixpath.join(self.root, *parts))
 
     def files(self, rel: str = "") -> dict[str, int]:
-        """{path relative to this folder: size} of every file under `rel`."""
+        """{path relative to this folder: size} of every file under `rel`. Listed a folder at a time:
+        an object store may still list a folder that a moment ago was removed (an old checkpoint)."""
         import pyarrow.fs
 
-        base = posixpath.join(self.root, rel) if rel else self.root
-        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True))
-        return {posixpath.relpath(i.path, self.root): i.size for i in infos if i.type == pyarrow.fs.FileType.File}
+        found, folders = {}, [posixpath.join(self.root, rel) if rel else self.root]
+        while folders:
+            for info in self.fs.get_file_info(pyarrow.fs.FileSelector(folders.pop(), allow_not_found=True)):
+                if info.type == pyarrow.fs.FileType.Directory:
+                    folders.append(info.path)
+                elif info.type == pyarrow.fs.FileType.File:  # (relpath would ask for the cwd)
+                    found[info.path[len(self.root):].lstrip("/")] = info.size
+        return found
 
     def push(self, local_root: str, rel: str) -> None:
         """The file or folder `local_root/rel` to the same place here (a folder's files one by one)."""
@@ -95,9 +101,12 @@ class Storage:
             target = os.path.join(local_root, name)
             if os.path.exists(target):
                 continue
-            with self.fs.open_input_stream(posixpath.join(self.root, name)) as src, atomic_path(target) as tmp, \
-                    open(tmp, "wb") as dst:
-                dst.write(src.read())
+            try:
+                with self.fs.open_input_stream(posixpath.join(self.root, name)) as src, atomic_path(target) as tmp, \
+                        open(tmp, "wb") as dst:
+                    dst.write(src.read())
+            except FileNotFoundError:  # listed, then removed (see `files`)
+                continue
             fetched.append(name)
         return fetched
 

@@ -154,11 +154,11 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
         assert any(line.startswith("ssl epoch 2/3") for line in seen), "".join(seen)[-3000:]
         for noise in ("core_worker.cc", "Token authentication", "\x1b[", "TrainController", "RayTrainWorker"):
             assert noise not in "".join(seen), noise
-        # again as a Ray job: its driver on the head, in a fresh copy of the checkout (an empty run
-        # folder, as on another machine), the storage the one thing it shares with the killed one
+        # again as a Ray job: its driver on the head, in a fresh copy of the checkout, with an empty run
+        # folder (as on another machine), the storage the one thing it shares with the killed one
         job = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ROOT,
                               "--runtime-env-json", json.dumps({"env_vars": CREDENTIALS}), "--",
-                              sys.executable, "-m", "raysslvit", *RUN, *where],
+                              sys.executable, "-m", "raysslvit", *RUN, *where, "--out", str(tmp_path / "b")],
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
         assert re.search(r"^ssl: \d+ file\(s\) fetched from s3://runs/study/ssl", job.stdout, re.M)  # its checkpoint

@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from raysslvit import storage
 from raysslvit.artifacts import write_json
 from raysslvit.config import Config, with_changes
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, WorkerFn, launch
 from raysslvit.rundir import RunFolder, load_state, stage_fingerprint
-from raysslvit import storage
 from raysslvit.storage import Storage
 from raysslvit.stages import analyze, captions, finetune, fusion, probe, ssl, video
 from raysslvit.stages.common import encoder_path, load_data, read_checkpoint
