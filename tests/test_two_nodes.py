@@ -203,5 +203,9 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(tmp_path, ray_local):
             run_stage(replace(STAGES["ssl"], worker=failing_on_rank_1()), replace(cfg, out=str(tmp_path / "f")),
                       group=group)
         assert time.time() - started < 30
+        group.close(force=True)
+        while ray_local.available_resources().get("CPU", 0) < 2:  # its peer is not left waiting either
+            assert time.time() - started < 120, "a rank still holds its CPU"
+            time.sleep(0.5)
     finally:
         group.close(force=True)
