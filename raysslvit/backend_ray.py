@@ -7,8 +7,9 @@ driver writes into the stage's folder, so the run folder has one writer) and the
 every rank reports each epoch to Ray Train too, so Ray Train callbacks (Tune's) see it. A worker
 that dies is restarted by Ray Train (`max_failures`) and asks for work again: the driver hands it
 the job anew, resuming from the last checkpoint it wrote. A user error on a worker ends the job at
-once, with its one line, and no retry: the worker raises it on, so Ray Train stops every rank of
-the group (a peer may be waiting on it in a collective), and the job is handed to no one again.
+once, with its one line, and no retry: with peers, the worker raises it on, so Ray Train stops
+every rank of the group (a peer may be waiting on it in a collective), and the job is handed to no
+one again.
 Starting Ray and its console noise are `console.py`.
 """
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _serve(loop_config: dict) -> None:
             send("done", last["metrics"])  # the last report: the final metrics, with their timing
         except UserError as e:  # on any rank: the driver ends the job at once, the job is not handed again
             out.put(cloudpickle.dumps(("error", str(e))))
-            raise  # so Ray Train stops every rank of the group: a peer may be waiting on this one
+            if ctx.world_size > 1:
+                raise  # so Ray Train stops every rank of the group: a peer may be waiting on this one
 
 
 def group_key(cfg: Config) -> tuple:
