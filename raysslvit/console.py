@@ -28,11 +28,14 @@ def start_ray(verbose: bool = False, address: str = "", **kwargs) -> float:
         # watches for cloud preemption, which a local machine never sees
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray gives this process's node the machine's network address (and listens on every interface)
-    # unless it thinks clusters are off, as on macOS (`_node_ip_address="127.0.0.1"` is mapped back
-    # to that address): so for a Ray of our own, and to join one on loopback (a test's, a Tune
-    # study's trials joining its driver's)
+    # for a Ray of our own, and to join one on loopback (a test's; a Tune study's trials joining
+    # their driver's): the node on 127.0.0.1. Ray 2.60 maps `_node_ip_address="127.0.0.1"` back to
+    # the machine's network address (and listens on every interface) unless it thinks clusters are
+    # off, as on macOS: so that too, for this call. (Joining, the address is Ray's to look up: two
+    # nodes on one machine share 127.0.0.1, and naming it fails to pick one.)
     loopback = not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost")
+    if not address:
+        kwargs["_node_ip_address"] = "127.0.0.1"
     started = time.perf_counter()
     cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, not loopback
     try:

@@ -24,18 +24,23 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(path, *parts) + mark + query
 
 
+def open_storage(uri: str) -> "Storage | None":
+    """The storage `--storage` names, reached once here; None without one."""
+    return Storage(uri) if uri else None
+
+
 class Storage:
     """A folder of a pyarrow file system: `child` for a subfolder, `push` / `pull` to copy files."""
 
     def __init__(self, uri: str, _fs=None, _root: str = ""):
         import pyarrow.fs
 
-        self.uri = uri
+        self.uri = uri if "://" in uri else os.path.abspath(uri)  # a folder: absolute, for processes elsewhere
         if _fs is not None:
             self.fs, self.root = _fs, _root
             return
         try:
-            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(self.uri)
             found = self.fs.get_file_info(self.root).type  # reached once here, before any stage runs
         except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError
             raise UserError(f"cannot reach --storage {uri} ({str(e).splitlines()[0]})") from None

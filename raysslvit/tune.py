@@ -169,7 +169,7 @@ def results_table(results, spec: dict, metric: str, mode: str):
 def write_table(table, study: Storage) -> None:
     """results.parquet and results.csv in the study folder: local (atomically) or in an object store."""
     for ext, write in (("parquet", table.to_parquet), ("csv", table.to_csv)):
-        if "://" in study.uri:  # an object store's put is atomic already
+        if not study.local:  # an object store's put is atomic already
             with study.fs.open_output_stream(f"{study.root}/results.{ext}") as f:
                 write(f, index=False)
         else:
@@ -198,14 +198,13 @@ def run_study(args):
     # the study varies the data itself)
     data = None if any(f.startswith("data.") for f in spec["space"]) else (digest, load_data(base))
     name = os.path.splitext(os.path.basename(spec["path"]))[0]
-    remote = "://" in args.storage_path
-    root = Storage(args.storage_path if remote else os.path.abspath(args.storage_path))
+    root = Storage(args.storage_path)
     study, spec["storage"] = root.child(name), storage.join(root.uri, name)
-    # Tune and its trials keep their state in that storage; a URI's file system is passed as such
-    where = {"storage_filesystem": root.fs} if remote else {}
+    # Tune and its trials keep their state in that storage; an object store's file system is passed as such
+    where = {} if root.local else {"storage_filesystem": root.fs}
     start_ray(verbose=False, address=args.address, log_to_driver=True)  # Tune's console shows its trials' lines
     if spec["shared"] and "checkpoint" not in spec["overrides"]:  # M once for every trial (reused while unchanged)
-        if remote:
+        if not root.local:
             raise UserError("a study with shared stages needs a local --storage-path")
         shared = build_config(preset, {**spec["overrides"], "out": os.path.join(study.root, "shared")})
         run_command("ssl", shared)

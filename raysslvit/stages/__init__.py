@@ -21,7 +21,7 @@ from raysslvit.config import Config, with_changes
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, WorkerFn, launch
 from raysslvit.rundir import RunFolder, load_state, stage_fingerprint
-from raysslvit.storage import Storage
+from raysslvit.storage import Storage, open_storage
 from raysslvit.stages import analyze, captions, finetune, fusion, probe, ssl, video
 from raysslvit.stages.common import encoder_path, load_data, read_checkpoint
 
@@ -101,10 +101,10 @@ def for_command(command: str, cfg: Config) -> Stage:
                 replace(first, key=folder, folder=folder))
 
 
-def fetch_needs(stage: Stage, cfg: Config) -> None:
-    """With --storage, the results of the steps a stage reads that this driver's folder lacks."""
-    for need in stage.needs if cfg.storage else ():
-        Storage(cfg.storage).child(STAGES[need].folder).pull(os.path.join(cfg.out_dir, STAGES[need].folder))
+def fetch_needs(stage: Stage, out_dir: str, store: Storage | None) -> None:
+    """With a storage, the results of the steps a stage reads that this driver's folder lacks."""
+    for need in stage.needs if store is not None else ():
+        store.child(STAGES[need].folder).pull(os.path.join(out_dir, STAGES[need].folder))
 
 
 def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable[[dict], None] | None = None,
@@ -113,10 +113,11 @@ def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable
     verified result of the same fingerprint exists, resumed from a checkpoint of it, else run (its
     workers handed the data and the inputs' contents); one process at a time in a folder. `group`:
     an open Ray Train worker group to run on (`run_study` keeps one for consecutive stages)."""
-    fetch_needs(stage, cfg)
+    store = open_storage(cfg.storage)
+    fetch_needs(stage, cfg.out_dir, store)
     paths = stage.inputs(cfg)
     fp = stage.fingerprint(cfg, paths) if stage.fingerprint else stage_fingerprint(cfg, stage.section, paths)
-    folder = RunFolder(cfg.out_dir, stage.folder, fp, Storage(cfg.storage) if cfg.storage else None)
+    folder = RunFolder(cfg.out_dir, stage.folder, fp, store)
     with folder.claim():
         if fresh:
             folder.clear_checkpoints()
@@ -135,7 +136,8 @@ def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable
 
 def run_command(command: str, cfg: Config, fresh: bool = False, **hooks) -> dict:
     """`python -m raysslvit <command>`: its record for this config, run in its folder."""
-    fetch_needs(next(s for s in STAGES.values() if s.command == command), cfg)  # the record may depend on them
+    # the command's record may depend on them (probe's folder on its encoder's stage)
+    fetch_needs(next(s for s in STAGES.values() if s.command == command), cfg.out_dir, open_storage(cfg.storage))
     return run_stage(for_command(command, cfg), cfg, fresh, **hooks)
 
 
@@ -199,8 +201,8 @@ def run_study(cfg: Config, fresh: bool = False, stages: str = "") -> dict:
         bar.close()
     write_json(os.path.join(cfg.out_dir, "study.json"), {"steps": steps, "skipped": skipped,
                                                          "wall_s": time.perf_counter() - started})
-    if cfg.storage:
-        Storage(cfg.storage).push(cfg.out_dir, "study.json")
+    if (store := open_storage(cfg.storage)) is not None:
+        store.push(cfg.out_dir, "study.json")
     return results
 
 
@@ -216,7 +218,7 @@ def run_seeds(cfg: Config, seeds: list[int], fresh: bool = False, stages: str = 
     else:
         run_study(replace(cfg, seed=seeds[0]) if seeds else cfg, fresh, stages)
     results = report.build(cfg.out_dir)
-    if cfg.storage:
+    if (store := open_storage(cfg.storage)) is not None:
         for name in report.FILES:
-            Storage(cfg.storage).push(cfg.out_dir, name)
+            store.push(cfg.out_dir, name)
     return results
