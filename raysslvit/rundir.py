@@ -184,7 +184,23 @@ class RunFolder:
         if problem := output_problem(self.path, saved.get("outputs")):
             return self._redo(f"{problem} in {self.path}")
         self._say(f"done already in {self.path} (--fresh to redo)")
+        self._complete_storage(saved["outputs"])
         return done
+
+    def _complete_storage(self, outputs: dict) -> None:
+        """A finished result the storage lacks part of (a copy cut off by a lost connection): the
+        missing files, config.json last."""
+        if self.storage is None:
+            return
+        try:
+            stored = self.storage.files()
+        except OSError as e:
+            raise UserError(f"cannot read --storage {self.storage.uri} ({str(e).splitlines()[0]})") from None
+        missing = [n for n in [*outputs, "config.json"] if stored.get(n) != os.path.getsize(os.path.join(self.path, n))]
+        for name in missing:
+            self.push(os.path.join(self.path, name))
+        if missing:
+            self._say(f"{len(missing)} file(s) the storage lacked copied to {self.storage.uri}")
 
     def _redo(self, why: str) -> None:
         self._say(f"redoing: {why}")

@@ -248,6 +248,15 @@ def test_storage_holds_every_output_and_a_new_folder_is_filled_from_it(tmp_path,
     # a later stage alone, from yet another empty folder: M comes from the storage too
     assert main(["probe", "--launcher", "local", "--out", str(tmp_path / "c"), "--storage", str(store), "--epochs", "1"]) == 0
     assert (store / "probe" / "config.json").exists() and (tmp_path / "c" / "ssl" / "model.pt").exists()
+    # a copy cut off on its way (the storage lacks the model, its config.json is short): a run that
+    # finds the stage done locally completes it
+    (store / "ssl" / "model.pt").unlink()
+    (store / "ssl" / "config.json").write_text("{")
+    capsys.readouterr()
+    assert _ssl(tmp_path / "a", "--storage", str(store), "--epochs", "2") == 0
+    assert f"ssl: 2 file(s) the storage lacked copied to {store / 'ssl'}" in capsys.readouterr().out
+    assert (store / "ssl" / "model.pt").read_bytes() == (tmp_path / "a" / "ssl" / "model.pt").read_bytes()
+    assert (store / "ssl" / "config.json").read_bytes() == (tmp_path / "a" / "ssl" / "config.json").read_bytes()
 
 
 def test_storage_that_is_a_file_is_one_line(tmp_path, capsys):
