@@ -9,8 +9,10 @@ or a download; offline without them, one line says which weights are missing and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 
 import numpy as np
 
@@ -178,16 +180,61 @@ def _device(use_gpu: bool) -> str:
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
 
 
+def _read_files(path: str) -> dict[str, bytes]:
+    """A weights file or folder as {path relative to its parent: content}."""
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            out[os.path.relpath(f, os.path.dirname(path))] = fh.read()
+    return out
+
+
+def ship(weights: dict) -> dict:
+    """For actors on nodes that do not see the driver's disk: each weights path's files, put in Ray's
+    object store once (each in a list, so that Ray hands an actor the reference, not the bytes),
+    and the driver's node, whose actors read the files where they are."""
+    import ray
+
+    paths = [weights["blip"], weights["clip"].removeprefix("local-dir:"), weights["clip_file"]]
+    return {"node": _node(), "files": {p: [ray.put(_read_files(p))] for p in paths if p and os.path.exists(p)}}
+
+
+@contextlib.contextmanager
+def on_this_node(path: str | None, shipped: dict):
+    """`path` where this actor can read it while it loads: the driver's own path on the driver's
+    node (or when nothing was shipped: one node), else a copy of the shipped files in a folder of
+    this node's own, removed once loaded."""
+    if not path or path not in shipped.get("files", {}) or _node() == shipped["node"]:
+        yield path
+        return
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="raysslvit-weights-") as root:
+        for rel, content in ray.get(shipped["files"][path][0]).items():
+            os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+            with open(os.path.join(root, rel), "wb") as f:
+                f.write(content)
+        yield os.path.join(root, os.path.basename(path))
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class Captioner:
     """BLIP on one actor: a batch of uint8 images (N, 32, 32, 3) -> their captions."""
 
-    def __init__(self, folder: str, max_new_tokens: int, use_gpu: bool):
+    def __init__(self, folder: str, max_new_tokens: int, use_gpu: bool, shipped: dict):
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        self.device = _device(use_gpu)
-        self.processor = BlipProcessor.from_pretrained(folder)
-        self.model = BlipForConditionalGeneration.from_pretrained(folder).to(self.device).eval()
+        self.device, self.node = _device(use_gpu), _node()
+        with on_this_node(folder, shipped) as here:
+            self.processor = BlipProcessor.from_pretrained(here)
+            self.model = BlipForConditionalGeneration.from_pretrained(here).to(self.device).eval()
         self.max_new_tokens = max_new_tokens
         self.no_grad = torch.no_grad
 
@@ -196,33 +243,40 @@ class Captioner:
             inputs = self.processor(images=list(batch["image"]), return_tensors="pt").to(self.device)
             tokens = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
         captions = [t.strip() for t in self.processor.batch_decode(tokens, skip_special_tokens=True)]
-        return {"id": batch["id"], "split": batch["split"], "label": batch["label"], "caption": np.array(captions)}
+        return {"id": batch["id"], "split": batch["split"], "label": batch["label"], "caption": np.array(captions),
+                "node": np.array([self.node] * len(captions))}
 
 
 class TextEncoder:
     """An open_clip text tower on one actor: captions -> L2-normalised embeddings (N, E) float32."""
 
-    def __init__(self, name: str, pretrained: str | None, use_gpu: bool):
+    def __init__(self, name: str, pretrained: str | None, use_gpu: bool, shipped: dict):
         import open_clip
         import torch
 
-        self.device = _device(use_gpu)
-        self.model = open_clip.create_model(name, pretrained=pretrained, device=self.device).eval()
-        self.tokenizer = open_clip.get_tokenizer(name)
+        self.device, self.node = _device(use_gpu), _node()
+        folder = name.removeprefix("local-dir:") if name.startswith("local-dir:") else None
+        with on_this_node(folder, shipped) as here, on_this_node(pretrained, shipped) as file:
+            name = f"local-dir:{here}" if folder else name
+            self.model = open_clip.create_model(name, pretrained=file, device=self.device).eval()
+            self.tokenizer = open_clip.get_tokenizer(name)
         self.torch = torch
 
     def __call__(self, batch: dict) -> dict:
         with self.torch.no_grad():
             emb = self.model.encode_text(self.tokenizer(list(batch["caption"])).to(self.device), normalize=True)
-        return {**batch, "embedding": list(emb.float().cpu().numpy())}
+        return {**batch, "embedding": list(emb.float().cpu().numpy()), "text_node": np.array([self.node] * len(emb))}
 
 
 def caption_batches(images: np.ndarray, meta: dict, c: CaptionsConfig, weights: dict, use_gpu: bool):
-    """Yield pandas batches (id, split, label, caption, embedding) of a Ray Data pipeline over `images`
-    (N, 32, 32, 3) uint8 with `meta` columns id / split / label. Ray must be running."""
+    """Yield pandas batches (id, split, label, caption, embedding; node and text_node: the Ray nodes of
+    the batch's BLIP and CLIP actors) of a Ray Data pipeline over `images` (N, 32, 32, 3) uint8 with
+    `meta` columns id / split / label. Ray must be running; on more than one node the weights travel
+    through its object store."""
     import pandas as pd
     import ray
 
+    shipped = ship(weights) if sum(n["Alive"] for n in ray.nodes()) > 1 else {}
     cpus = ray.available_resources().get("CPU", 1)
     per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": max(0.1, min(1.0, cpus / (2 * c.actors)))}
     frame = pd.DataFrame(meta)
@@ -232,9 +286,9 @@ def caption_batches(images: np.ndarray, meta: dict, c: CaptionsConfig, weights: 
     bounds = np.linspace(0, len(frame), blocks + 1).astype(int)
     ds = ray.data.from_pandas([frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
     ds = ds.map_batches(Captioner, fn_constructor_kwargs={"folder": weights["blip"], "max_new_tokens": c.max_new_tokens,
-                                                          "use_gpu": use_gpu},
+                                                          "use_gpu": use_gpu, "shipped": shipped},
                         compute=ray.data.ActorPoolStrategy(size=c.actors), batch_size=c.batch_size, **per_actor)
     ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"name": weights["clip"], "pretrained": weights["clip_file"],
-                                                            "use_gpu": use_gpu},
+                                                            "use_gpu": use_gpu, "shipped": shipped},
                         compute=ray.data.ActorPoolStrategy(size=c.actors), batch_size=c.batch_size, **per_actor)
     yield from ds.iter_batches(batch_size=None, batch_format="pandas")

@@ -8,6 +8,7 @@ partial one from an interrupted run is removed and the table made again from the
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -99,12 +100,17 @@ def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
             "label": np.concatenate([splits.split(s)[1].numpy() for s in SPLITS])}
     start_ray(verbose=cfg.verbose, address=cfg.address)
     import ray
+    import ray.data
+
+    if not cfg.verbose:  # Ray Data sets its own logger's level on import: its plan and progress lines
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     use_gpu = cfg.use_gpu != "false" and ray.cluster_resources().get("GPU", 0) > 0
-    total, done, start = len(images), 0, time.perf_counter()
+    total, done, start, nodes = len(images), 0, time.perf_counter(), set()
     last = [start]
     print(f"captions: {total} images, {cfg.captions.actors} actor(s) per model on {'GPU' if use_gpu else 'CPU'}", flush=True)
     for k, batch in enumerate(caption_batches(images, meta, cfg.captions, weights, use_gpu)):
+        nodes |= set(batch.pop("node")) | set(batch.pop("text_node"))
         _write_part(partial, k, batch)
         done += len(batch)
         _progress(done, total, start, last)
@@ -113,11 +119,12 @@ def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
     frame = pd.read_parquet(partial)
     metrics = {"images": len(frame), "embedding_dim": int(len(frame["embedding"].iloc[0])),
                "label_word_rate": label_word_rate(frame["caption"].tolist(), frame["label"].tolist(), splits.classes),
-               "images_per_s": total / wall, "timing": {"wall_s": wall}}
+               "images_per_s": total / wall, "actor_nodes": len(nodes), "timing": {"wall_s": wall}}
     with atomic_path(table) as tmp:  # the finished table replaces the old one only now
         frame.sort_values("id", kind="stable").to_parquet(tmp, index=False)
     shutil.rmtree(partial)
     folder.write(cfg, metrics, weights=weights)
     print(f"captions: {metrics['images']} rows, embedding width {metrics['embedding_dim']}, "
-          f"label word rate {metrics['label_word_rate']:.3f}, {metrics['images_per_s']:.1f} images/s -> {table}", flush=True)
+          f"label word rate {metrics['label_word_rate']:.3f}, {metrics['images_per_s']:.1f} images/s "
+          f"on {len(nodes)} node(s) -> {table}", flush=True)
     return metrics
