@@ -1,5 +1,4 @@
 """Shared fixtures: a real local Ray (2 CPUs) and the path of the JPEG copy of CIFAR-10, if present."""
-import glob
 import os
 import signal
 import subprocess
@@ -59,34 +58,75 @@ def write_space(tmp_path, **changes) -> str:
 
 
 @pytest.fixture(scope="session")
-def tune_study(tmp_path_factory, ray_local):
-    """A real two-trial Tune study, interrupted with Ctrl-C once its first trial finished, then
-    finished with --resume. Returns its folder, the first trial's records before the resume, and
-    the resumed run. Its trials train in-process (a TorchTrainer inside a trial: test_launch); both
-    calls join the suite's Ray (`--address`) rather than start one each."""
+def two_nodes(tmp_path_factory):
+    """Two Ray nodes that share no disk, and an S3 server (nodes.py); the last test that uses them,
+    test_two_nodes' study, stops them to free the CPUs."""
+    from nodes import TwoNodes, why_not
+
+    if why := why_not():
+        pytest.skip(why)
+    cluster = TwoNodes(str(tmp_path_factory.mktemp("unseen")))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tune_study(tmp_path_factory, request):
+    """The depth study (three trials, one SSL epoch each, in-process) interrupted with Ctrl-C once
+    its first trial finished, then finished with --resume: on the two nodes with its storage in S3
+    (then copied here for the readers), else, where they cannot run, on the suite's Ray with a
+    local folder. Returns the study's folder, the first trial's records before the resume, the
+    resumed run, and the nodes its trials ran on (None: not seen)."""
+    from nodes import why_not
+    from raysslvit.storage import Storage
+
     tmp = tmp_path_factory.mktemp("tune")
     root = os.path.join(os.path.dirname(__file__), "..")
-    args = [sys.executable, "-m", "raysslvit.tune", "--space", write_space(tmp), "--storage-path", str(tmp / "t"),
-            "--set", "launcher=local", "--address", ray_local.get_runtime_context().gcs_address]
-    env = {**os.environ, "PYTHONPATH": root}
+    if why_not() is None:
+        cluster = request.getfixturevalue("two_nodes")
+        address, storage, env = cluster.address, cluster.bucket.format("tune"), cluster.env
+        data = os.path.join(cluster.unseen, "data")  # only the driver reads the data
+    else:
+        cluster = None
+        address, storage = request.getfixturevalue("ray_local").get_runtime_context().gcs_address, str(tmp / "t")
+        env, data = {**os.environ, "PYTHONPATH": root}, os.path.join(str(tmp), "data")
+    args = [sys.executable, "-m", "raysslvit.tune", "--space", "depth", "--storage-path", storage, "--address", address,
+            "--set=launcher=local", "--set=ssl.epochs=1", "--set=probe.epochs=1", f"--set=data.data_root={data}"]
+    stored = Storage(storage).child("depth")
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    finished = lambda: [p for p in glob.glob(str(tmp / "t" / "study" / "trial_*" / "result.json"))
-                        if "stages_done" in open(p).read()]
-    deadline = time.time() + 300
-    while not finished():
+
+    def finished():
+        found = {}
+        for name in stored.files():
+            if name.endswith("/result.json"):
+                with stored.fs.open_input_stream(f"{stored.root}/{name}") as f:
+                    found[name] = f.read().decode()
+        return {name: text for name, text in found.items() if "stages_done" in text}
+
+    deadline, nodes, done, look = time.time() + 300, set(), {}, 0.0
+    while not done:
         assert proc.poll() is None and time.time() < deadline, "the study ended before it could be interrupted"
-        time.sleep(0.5)
-    first = finished()[0]
-    records = open(first).read()
+        if cluster is not None:  # the trials' actors while they train: a few seconds each
+            nodes |= cluster.nodes_running("ImplicitFunc.train")
+        if time.time() >= look:  # the storage, once a second
+            done, look = finished(), time.time() + 1
+        time.sleep(0.1)
+    first, records = next(iter(done.items()))
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     resumed = subprocess.run([*args, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    return {"path": tmp / "t" / "study", "first_trial": first, "first_records": records, "resumed": resumed}
+    local = tmp / "study"
+    stored.pull(str(local))  # every file of the study's storage (from S3: the readers below read a folder)
+    return {"path": local, "first_trial": local / first, "first_records": records, "resumed": resumed,
+            "nodes": nodes if cluster is not None else None, "storage": storage}
 
 
 def pytest_collection_modifyitems(items):
-    """The tests on the suite's Ray run last: its idle processes slow every test that runs beside them;
-    the two-node test first of them, while that Ray holds the fewest (its own nodes share the CPUs)."""
-    uses_ray = lambda item: "ray_local" in getattr(item, "fixturenames", ())
-    items.sort(key=lambda item: (uses_ray(item), uses_ray(item) and "test_two_nodes" not in item.nodeid))
+    """The tests on a Ray run last: its idle processes slow every test that runs beside them. First
+    those on the two nodes (whose own processes share the CPUs), the one that stops them last; then
+    those on the suite's Ray."""
+    names = lambda item: set(getattr(item, "fixturenames", ()))
+    on_nodes = lambda item: bool(names(item) & {"two_nodes", "tune_study"})
+    stops_nodes = lambda item: "test_two_nodes.py::test_a_study_runs" in item.nodeid
+    items.sort(key=lambda item: (on_nodes(item) or "ray_local" in names(item), not on_nodes(item), stops_nodes(item)))

@@ -13,9 +13,9 @@ NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "analysis")
 
 def test_load_study_names_the_swept_fields(tune_study, tmp_path):
     df = load_study(str(tune_study["path"]))
-    assert df.attrs["swept"] == ["ssl.mask_ratio"] and len(df) == 2
+    assert df.attrs["swept"] == ["model.depth"] and len(df) == 3
     stats = summarise(df, ["probe.val_acc", "probe.test_acc"])
-    assert list(stats.index) == [0.25, 0.5] and (stats[("probe.val_acc", "count")] == 1).all()
+    assert list(stats.index) == [1, 2, 3] and (stats[("probe.val_acc", "count")] == 1).all()
     with pytest.raises(UserError, match="no study results"):
         load_study(str(tmp_path))
 

@@ -5,6 +5,7 @@ import os
 import pandas as pd
 import pytest
 
+from raysslvit.storage import join
 from raysslvit.tune import SPACES_DIR, check_points, load_space, main
 from conftest import write_space
 from test_cli import assert_one_line_error, cli
@@ -49,12 +50,16 @@ def test_malformed_yaml_and_unknown_study(tmp_path):
 
 
 def test_an_interrupted_study_resumes_without_redoing_finished_trials(tune_study):
-    """Ctrl-C once the first of two trials has finished; --resume runs only the second (the fixture)."""
+    """Ctrl-C once the first of three trials has finished; --resume runs only the others (the fixture:
+    on two nodes that share no disk, with the study's storage in S3, where this machine can run them)."""
     table = pd.read_parquet(tune_study["path"] / "results.parquet")
-    assert sorted(table["ssl.mask_ratio"]) == [0.25, 0.5] and set(table["status"]) == {"finished"}
+    assert sorted(table["model.depth"]) == [1, 2, 3] and set(table["status"]) == {"finished"}
     assert {"probe.val_acc", "probe.test_acc", "val_knn_acc_tokens", "wall_time_s", "seed"} <= set(table.columns)
     assert open(tune_study["first_trial"]).read() == tune_study["first_records"]  # not run again
     assert (table["probe.test_acc"] > 0.1).all()
-    assert "best: ssl.mask_ratio=" in tune_study["resumed"].stdout
+    assert "best: model.depth=" in tune_study["resumed"].stdout
+    assert f"results in {join(tune_study['storage'], 'depth', 'results.parquet')}" in tune_study["resumed"].stdout
     for trial in table["trial"]:  # every trial's stages in the study's storage too: a resumed trial finds them
         assert (tune_study["path"] / trial / "stages" / "probe" / "config.json").exists(), trial
+    if tune_study["nodes"] is not None:
+        assert len(tune_study["nodes"]) == 2  # two trials at once, one on each node
