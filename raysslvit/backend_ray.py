@@ -24,7 +24,7 @@ from ray import cloudpickle
 
 from raysslvit.backend_local import use_gpu
 from raysslvit.config import Config
-from raysslvit.console import quiet_ray_reports, start_ray
+from raysslvit.console import alive_nodes, quiet_ray_reports, start_ray
 from raysslvit.engine import WorkerContext
 from raysslvit.errors import UserError
 from raysslvit.launch import Job, run_job
@@ -99,7 +99,7 @@ class WorkerGroup:
         from ray.util.queue import Queue
 
         self.ray_start_s = start_ray(verbose=self.cfg.verbose, address=self.cfg.address)
-        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        nodes = alive_nodes()
         if nodes > 1 and not self.cfg.storage:  # Ray Train's own rule for a run across nodes
             raise UserError(f"this Ray has {nodes} nodes: a multi-node run needs --storage (a folder every node "
                             f"sees, or s3://bucket/prefix), where its checkpoints and results are kept")

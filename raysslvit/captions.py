@@ -145,6 +145,11 @@ def resolve_weights(c: CaptionsConfig) -> dict:
     return {"blip": found["blip"], "clip": found["clip"][0], "clip_file": found["clip"][1]}
 
 
+def _weight_files(path: str) -> list[str]:
+    """A weights file, or every file under a weights folder, in a fixed order."""
+    return [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+
+
 def _file_identity(path: str) -> list:
     """A weights file's content, cheaply: the Hugging Face cache names each blob by its hash (a new
     download of the same weights is the same blob); any other file, by its size and mtime."""
@@ -162,10 +167,8 @@ def weights_identity(weights: dict) -> dict:
         where = weights[key]
         path = where.removeprefix("local-dir:") if where else where
         if path and os.path.exists(path):
-            files = [path] if os.path.isfile(path) else sorted(
-                os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
             ident[key] = [[os.path.relpath(f, os.path.dirname(path)), *_file_identity(f)]
-                          for f in files]  # lists: the fingerprint is compared after a JSON round trip
+                          for f in _weight_files(path)]  # lists: the fingerprint is compared after a JSON round trip
         else:
             ident[key] = where
     return ident
@@ -182,9 +185,8 @@ def _device(use_gpu: bool) -> str:
 
 def _read_files(path: str) -> dict[str, bytes]:
     """A weights file or folder as {path relative to its parent: content}."""
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
     out = {}
-    for f in files:
+    for f in _weight_files(path):
         with open(f, "rb") as fh:
             out[os.path.relpath(f, os.path.dirname(path))] = fh.read()
     return out
@@ -276,7 +278,9 @@ def caption_batches(images: np.ndarray, meta: dict, c: CaptionsConfig, weights: 
     import pandas as pd
     import ray
 
-    shipped = ship(weights) if sum(n["Alive"] for n in ray.nodes()) > 1 else {}
+    from raysslvit.console import alive_nodes
+
+    shipped = ship(weights) if alive_nodes() > 1 else {}
     cpus = ray.available_resources().get("CPU", 1)
     per_actor = {"num_gpus": 1} if use_gpu else {"num_cpus": max(0.1, min(1.0, cpus / (2 * c.actors)))}
     frame = pd.DataFrame(meta)

@@ -34,15 +34,21 @@ def start_ray(verbose: bool = False, address: str = "", **kwargs) -> float:
     # off, as on macOS: so that too, for this call. (Joining, the address is Ray's to look up: two
     # nodes on one machine share 127.0.0.1, and naming it fails to pick one.)
     loopback = not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost")
-    if not address:
-        kwargs["_node_ip_address"] = "127.0.0.1"
     started = time.perf_counter()
     cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, not loopback
     try:
-        ray.init(address=address or "local", **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
+        ray.init(address=address or "local", _node_ip_address=None if address else "127.0.0.1",
+                 **{"log_to_driver": verbose, "configure_logging": False, **kwargs})
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
     return time.perf_counter() - started
+
+
+def alive_nodes() -> int:
+    """How many nodes the Ray this process is connected to has now."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
 
 
 def quiet_ray_reports() -> None:

@@ -192,10 +192,7 @@ class RunFolder:
         missing files, config.json last."""
         if self.storage is None:
             return
-        try:
-            stored = self.storage.files()
-        except OSError as e:
-            raise UserError(f"cannot read --storage {self.storage.uri} ({str(e).splitlines()[0]})") from None
+        stored = self.storage.files()
         missing = [n for n in [*outputs, "config.json"] if stored.get(n) != os.path.getsize(os.path.join(self.path, n))]
         for name in missing:
             self.push(os.path.join(self.path, name))

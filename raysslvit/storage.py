@@ -63,7 +63,11 @@ class Storage:
 
         found, folders = {}, [posixpath.join(self.root, rel) if rel else self.root]
         while folders:
-            for info in self.fs.get_file_info(pyarrow.fs.FileSelector(folders.pop(), allow_not_found=True)):
+            try:
+                listed = self.fs.get_file_info(pyarrow.fs.FileSelector(folders.pop(), allow_not_found=True))
+            except OSError as e:
+                raise UserError(f"cannot read --storage {self.uri} ({str(e).splitlines()[0]})") from None
+            for info in listed:
                 if info.type == pyarrow.fs.FileType.Directory:
                     folders.append(info.path)
                 elif info.type == pyarrow.fs.FileType.File:  # (relpath would ask for the cwd)
@@ -97,12 +101,8 @@ class Storage:
     def pull(self, local_root: str, rel: str = "") -> list[str]:
         """The files under `rel` here that `local_root` lacks, copied there (each atomically);
         returns their names."""
-        try:
-            files = self.files(rel)
-        except OSError as e:
-            raise UserError(f"cannot read --storage {self.uri} ({str(e).splitlines()[0]})") from None
         fetched = []
-        for name in sorted(files):
+        for name in sorted(self.files(rel)):
             target = os.path.join(local_root, name)
             if os.path.exists(target):
                 continue

@@ -95,13 +95,13 @@ def tune_study(tmp_path_factory, request):
     stored = Storage(storage).child("depth")
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def finished():
+    def finished():  # {a finished trial's result.json: its records}
         found = {}
-        for name in stored.files():
-            if name.endswith("/result.json"):
-                with stored.fs.open_input_stream(f"{stored.root}/{name}") as f:
-                    found[name] = f.read().decode()
-        return {name: text for name, text in found.items() if "stages_done" in text}
+        for name in (n for n in stored.files() if n.endswith("/result.json")):
+            with stored.fs.open_input_stream(f"{stored.root}/{name}") as f:
+                if "stages_done" in (text := f.read().decode()):
+                    found[name] = text
+        return found
 
     deadline, nodes, done, look = time.time() + 300, set(), {}, 0.0
     while not done:

@@ -110,7 +110,7 @@ def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
     last = [start]
     print(f"captions: {total} images, {cfg.captions.actors} actor(s) per model on {'GPU' if use_gpu else 'CPU'}", flush=True)
     for k, batch in enumerate(caption_batches(images, meta, cfg.captions, weights, use_gpu)):
-        nodes |= set(batch.pop("node")) | set(batch.pop("text_node"))
+        nodes |= {*batch.pop("node").unique(), *batch.pop("text_node").unique()}
         _write_part(partial, k, batch)
         done += len(batch)
         _progress(done, total, start, last)
