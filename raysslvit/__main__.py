@@ -10,10 +10,11 @@ from raysslvit.config import SECTIONS, Config, build_config, parse_assignments
 from raysslvit.errors import OneLineParser, UserError, run_cli
 
 COMMON = ("preset", "out", "seed", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "launcher", "max_failures",
-          "checkpoint", "verbose", "address", "storage")
+          "checkpoint", "verbose", "address", "storage", "mlflow")
 
 
 SWITCHES = ("verbose",)  # fields given as a bare flag
+OPTIONAL = {"mlflow": ("mlruns", "MLflow runs of every stage, in a tracking server or folder (alone: mlruns/)")}
 
 
 def _add_fields(parser, cls, prefix: str, names=None):
@@ -23,6 +24,11 @@ def _add_fields(parser, cls, prefix: str, names=None):
         if f.name in SWITCHES:
             parser.add_argument("--" + f.name, dest=prefix + f.name, action="store_const", const="true", default=None,
                                 help="Ray's own log lines on the console too")
+            continue
+        if f.name in OPTIONAL:  # a flag with an optional value
+            const, text = OPTIONAL[f.name]
+            parser.add_argument("--" + f.name, dest=prefix + f.name, nargs="?", const=const, default=None,
+                                metavar="URI", help=text)
             continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=prefix + f.name, default=None, metavar=f.name.upper(),
                             help=f"(default: {f.default})" if f.default is not dataclasses.MISSING else None)

@@ -30,6 +30,7 @@ from raysslvit.errors import UserError
 from raysslvit.launch import Job, run_job
 from raysslvit.rundir import LatestCheckpoint, RunFolder
 from raysslvit.storage import Storage
+from raysslvit.tracking import check_nodes
 
 
 def _serve(loop_config: dict) -> None:
@@ -103,6 +104,7 @@ class WorkerGroup:
         if nodes > 1 and not self.cfg.storage:  # Ray Train's own rule for a run across nodes
             raise UserError(f"this Ray has {nodes} nodes: a multi-node run needs --storage (a folder every node "
                             f"sees, or s3://bucket/prefix), where its checkpoints and results are kept")
+        check_nodes(self.cfg.mlflow, nodes)
         threads, gpu, resources = worker_resources(self.cfg)
         self.out = Queue(actor_options={"num_cpus": 0})
         self.jobs = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.cfg.num_workers)]

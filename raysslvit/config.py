@@ -214,6 +214,8 @@ class Config:
     verbose: bool = False  # Ray's own log lines on the console too (no result depends on it)
     address: str = ""  # a Ray cluster to join (default RAY_ADDRESS; none: a new local Ray on loopback)
     storage: str = ""  # a shared folder or s3://... that every node reaches: results, checkpoints (storage.py)
+    tensorboard: bool = True  # event files in every trained stage's folder (tracking.py)
+    mlflow: str = ""  # an MLflow tracking URI or folder (--mlflow alone: mlruns/); empty: no MLflow runs
     data: DataConfig = field(default_factory=DataConfig)
     model: ViTConfig = field(default_factory=ViTConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)

@@ -225,7 +225,8 @@ def _train_epoch(task, model, opt, splits, cfg, ctx, batches, first_step, total,
         opt.step()
         for k, v in {"loss": loss.detach(), **logs}.items():
             sums[k] = sums.get(k, 0.0) + v  # tensors: no sync with the device per step
-    return {f"train_{k}": float(v) / len(batches) for k, v in sums.items()}
+    # lr: the last step's, of the layers at full rate (layer decay scales the lower ones down)
+    return {**{f"train_{k}": float(v) / len(batches) for k, v in sums.items()}, "lr": max(g["lr"] for g in opt.param_groups)}
 
 
 def _finish(task, model, base, splits, ctx, history, best_state) -> dict:

@@ -8,6 +8,7 @@ final checkpoint state, timing). The run folder (skip, resume, atomic writes) is
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from raysslvit.config import Config
 from raysslvit.data import Splits
 from raysslvit.engine import WorkerContext, result_model
 from raysslvit.rundir import RunFolder
+from raysslvit.tracking import EventLog, StageRun, add_artifacts
 
 # (job, ctx, report, resume state) -> final metrics; `job.splits` is on the worker's device
 WorkerFn = Callable[["Job", WorkerContext, Callable, "dict | None"], dict]
@@ -35,6 +37,7 @@ class Job:
     fingerprint: dict
     resume: dict | None = None  # the checkpoint state to continue from, read on the driver
     resumed_after_epoch: int | None = None
+    mlflow: dict | None = None  # rank 0's MLflow run of the stage (tracking.job_run), with --mlflow
 
     @property
     def meta(self) -> dict:
@@ -47,11 +50,22 @@ def run_job(job: Job, splits: Splits, ctx: WorkerContext, report: Callable, resu
     import: without this no two runs of one config would start alike."""
     torch.manual_seed(job.cfg.seed)
     started = time.time()
+    run = StageRun(job.mlflow, in_ray_train=ctx.prepare_model is not None) if job.mlflow and ctx.rank == 0 else None
 
     def timed_report(metrics: dict, state: dict | None):  # where the stage's time went, for `launch`
+        if run is not None:
+            run.report(metrics)
         report({**metrics, "timing": {"started_unix": started, "worker_s": time.time() - started}}, state)
 
-    return job.worker(replace(job, splits=splits.to(ctx.device)), ctx, timed_report, resume)
+    try:
+        final = job.worker(replace(job, splits=splits.to(ctx.device)), ctx, timed_report, resume)
+    except BaseException:
+        if run is not None:
+            run.end(failed=True)
+        raise
+    if run is not None:
+        run.end()
+    return final
 
 
 def launch(folder: RunFolder, job: Job, inputs: dict, on_epoch: Callable[[dict], None] | None = None,
@@ -68,7 +82,15 @@ def launch(folder: RunFolder, job: Job, inputs: dict, on_epoch: Callable[[dict],
         from raysslvit.backend_local import run as backend
     else:
         from raysslvit.backend_ray import run as backend
-    metrics, state, extra = backend(job, folder, on_epoch=on_epoch, callbacks=callbacks, group=group)
+    events = EventLog(folder.path, job.resumed_after_epoch) if cfg.tensorboard else None
+
+    def each_epoch(metrics: dict):
+        if events is not None:
+            events.epoch(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    metrics, state, extra = backend(job, folder, on_epoch=each_epoch, callbacks=callbacks, group=group)
     extra["data_s"] = extra.get("data_s", 0.0) + decode_s
     timing = breakdown(metrics.get("timing"), time.perf_counter() - started + decode_s, started_unix - decode_s, **extra)
     if job.resumed_after_epoch is not None:  # this call's wall time covers only the epochs after it
@@ -76,6 +98,11 @@ def launch(folder: RunFolder, job: Job, inputs: dict, on_epoch: Callable[[dict],
     metrics = {**metrics, "timing": timing}
     # the model config travels with the weights (fine-tuning keeps M's shape)
     folder.write(cfg, metrics, result_model(job.stage, state) if state is not None else None, inputs=inputs)
+    if events is not None:
+        events.close()
+        if os.path.isdir(events.path):
+            folder.push(events.path)
+    add_artifacts(job.mlflow, folder.path)
     print(f"{job.stage}: done in {timing['wall_s']:.0f} s: " + " ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float))
         + f"  -> {folder.path}", flush=True)

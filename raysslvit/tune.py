@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import yaml
 
-from raysslvit import storage
+from raysslvit import storage, tracking
 from raysslvit.artifacts import atomic_path
 from raysslvit.config import PATH_KEYS, build_config, parse_assignments
 from raysslvit.data import hand, source_digest
@@ -222,6 +222,7 @@ def run_study(args):
                         f"lower resources in {os.path.basename(spec['path'])} or --set launcher=local")
     concurrent = args.max_concurrent or (max(1, total // per_trial) if total else 0)
     if args.resume:
+        tracking.allow_file_store()  # the study's MLflow callback, if it had one, comes back with it
         if not tune.Tuner.can_restore(study.root, **where):
             raise UserError(f"no study to resume at {study.uri}")
         tuner = tune.Tuner.restore(study.root, trainable=fn, resume_errored=True, **where)
@@ -230,7 +231,8 @@ def run_study(args):
                            tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], scheduler=scheduler,
                                                        num_samples=args.num_samples or spec["num_samples"],
                                                        max_concurrent_trials=concurrent),
-                           run_config=tune.RunConfig(name=name, storage_path=root.root, **where))
+                           run_config=tune.RunConfig(name=name, storage_path=root.root,
+                                                     callbacks=tracking.tune_callbacks(args.mlflow, name), **where))
     results = tuner.fit()
     table = results_table(results, spec, spec["metric"], spec["mode"])
     write_table(table, study)
@@ -254,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as resources allow)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study; finished trials are kept")
     p.add_argument("--address", default="", help="a running Ray cluster (auto: the one this node belongs to)")
+    p.add_argument("--mlflow", nargs="?", const="mlruns", default="", metavar="URI",
+                   help="every trial as an MLflow run (Ray's MLflowLoggerCallback), in a server or folder (alone: mlruns/)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a config value for every trial, e.g. --set ssl.epochs=8 --set data.data_dir=DIR")
     return run_cli("raysslvit.tune", lambda: run_study(p.parse_args(argv)))

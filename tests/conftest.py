@@ -20,12 +20,20 @@ SMOKE_RUN = {"ssl.epochs": 8}
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """`python -m raysslvit run` on the smoke preset (SMOKE_RUN), in-process; tests reuse its M and video models."""
+    """`python -m raysslvit run` on the smoke preset (SMOKE_RUN), in-process, its stages tracked in an
+    MLflow folder beside it (smoke_mlflow); tests reuse its M and video models."""
     from raysslvit.__main__ import main
 
     out = tmp_path_factory.mktemp("smoke")
-    assert main(["run", "--out", str(out), "--launcher", "local", *(f"--set={k}={v}" for k, v in SMOKE_RUN.items())]) == 0
-    return out
+    assert main(["run", "--out", str(out / "study"), "--launcher", "local", "--mlflow", str(out / "mlruns"),
+                 *(f"--set={k}={v}" for k, v in SMOKE_RUN.items())]) == 0
+    return out / "study"
+
+
+@pytest.fixture(scope="session")
+def smoke_mlflow(smoke_run):
+    """The MLflow store of the smoke study."""
+    return smoke_run.parent / "mlruns"
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +99,8 @@ def tune_study(tmp_path_factory, request):
         address, storage = request.getfixturevalue("ray_local").get_runtime_context().gcs_address, str(tmp / "t")
         env, data = {**os.environ, "PYTHONPATH": root}, os.path.join(str(tmp), "data")
     args = [sys.executable, "-m", "raysslvit.tune", "--space", "depth", "--storage-path", storage, "--address", address,
-            "--set=launcher=local", "--set=ssl.epochs=1", "--set=probe.epochs=1", f"--set=data.data_root={data}"]
+            "--set=launcher=local", "--set=ssl.epochs=1", "--set=probe.epochs=1", f"--set=data.data_root={data}",
+            "--mlflow", str(tmp / "mlruns")]  # Tune's MLflow callback, on the driver: here
     stored = Storage(storage).child("depth")
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -119,7 +128,7 @@ def tune_study(tmp_path_factory, request):
     local = tmp / "study"
     stored.pull(str(local))  # every file of the study's storage (from S3: the readers below read a folder)
     return {"path": local, "first_trial": local / first, "first_records": records, "resumed": resumed,
-            "nodes": nodes if cluster is not None else None, "storage": storage}
+            "nodes": nodes if cluster is not None else None, "storage": storage, "mlflow": tmp / "mlruns"}
 
 
 def pytest_collection_modifyitems(items):

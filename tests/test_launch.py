@@ -88,11 +88,14 @@ def test_every_epoch_reaches_on_epoch(tmp_path):
 def test_a_stage_inside_a_tune_trial_takes_only_what_is_free(tmp_path, ray_local):
     """The trial holds one of the two CPUs; its TorchTrainer worker gets the other (sizing from the
     whole cluster would wait forever), and Tune sees every epoch through TuneReportCallback (a Ray
-    Train callback: the stage hands its callbacks to its TorchTrainer)."""
+    Train callback: the stage hands its callbacks to its TorchTrainer). With --mlflow, the stage's
+    rank 0 logs its run through Ray's setup_mlflow."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = build_config("smoke", {"out": str(tmp_path / "out"), "ssl.epochs": 3})
+    from test_tracking import curve, mlflow_runs
+
+    cfg = build_config("smoke", {"out": str(tmp_path / "out"), "ssl.epochs": 3, "mlflow": str(tmp_path / "mlruns")})
 
     def trial(config):
         final = run_command("ssl", cfg, callbacks=[TuneReportCallback()])
@@ -105,3 +108,7 @@ def test_a_stage_inside_a_tune_trial_takes_only_what_is_free(tmp_path, ray_local
     epochs = result.metrics_dataframe.dropna(subset=["epoch"])
     assert list(epochs["epoch"]) == [1, 2, 3]
     assert epochs["val_rotation_acc"].iloc[-1] == result.metrics["final_val_rotation_acc"]
+    (run,), client = mlflow_runs(tmp_path / "mlruns")
+    assert run.info.run_name == "ssl" and run.info.status == "FINISHED" and run.data.params["ssl.epochs"] == "3"
+    assert curve(client, run, "val_rotation_acc") == list(zip([1, 2, 3], epochs["val_rotation_acc"]))
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pt", "metrics.json", "config.json"}

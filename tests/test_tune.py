@@ -63,3 +63,19 @@ def test_an_interrupted_study_resumes_without_redoing_finished_trials(tune_study
         assert (tune_study["path"] / trial / "stages" / "probe" / "config.json").exists(), trial
     if tune_study["nodes"] is not None:
         assert len(tune_study["nodes"]) == 2  # two trials at once, one on each node
+
+
+def test_every_trial_is_an_mlflow_run(tune_study):
+    """--mlflow: Ray's MLflowLoggerCallback makes a run of each trial, its reports as metrics, its
+    folder as artifacts (the interrupted study's callback restored with it)."""
+    from test_tracking import mlflow_runs
+
+    table = pd.read_parquet(tune_study["path"] / "results.parquet")
+    runs, client = mlflow_runs(tune_study["mlflow"], "raysslvit-tune-depth")
+    finished = {r.data.params["model.depth"]: r for r in runs if r.info.status == "FINISHED"}
+    assert sorted(finished) == ["1", "2", "3"], [(r.info.run_name, r.info.status, r.data.params) for r in runs]
+    for _, row in table.iterrows():
+        run = finished[str(row["model.depth"])]
+        assert run.info.run_name in row["trial"]
+        assert run.data.metrics["probe.test_acc"] == pytest.approx(row["probe.test_acc"])
+        assert client.list_artifacts(run.info.run_id), row["trial"]

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from raysslvit import storage
+from raysslvit import storage, tracking
 from raysslvit.artifacts import write_json
 from raysslvit.config import Config, with_changes
 from raysslvit.errors import UserError
@@ -130,7 +130,8 @@ def run_stage(stage: Stage, cfg: Config, fresh: bool = False, on_epoch: Callable
         given = stage.hand(cfg, paths, splits)
         resume = None if fresh else folder.resume_point()
         job = Job(stage.folder, cfg, stage.worker, splits, given, fp, resume=load_state(resume),
-                  resumed_after_epoch=folder.epoch_of(resume) if resume else None)
+                  resumed_after_epoch=folder.epoch_of(resume) if resume else None,
+                  mlflow=tracking.job_run(cfg, stage.folder, stage.section))
         return launch(folder, job, paths, on_epoch, callbacks, decode_s=time.perf_counter() - started, group=group)
 
 
@@ -210,14 +211,16 @@ def run_seeds(cfg: Config, seeds: list[int], fresh: bool = False, stages: str = 
     """The study once per seed (several: each in `<out>/seed_<k>/`), then the report over all of them."""
     from raysslvit import report
 
-    if len(seeds) > 1:
-        for seed in seeds:
-            print(f"=== seed {seed} ===", flush=True)
-            run_study(replace(cfg, seed=seed, out=os.path.join(cfg.out_dir, f"seed_{seed}"),
-                              storage=storage.join(cfg.storage, f"seed_{seed}") if cfg.storage else ""), fresh, stages)
-    else:
-        run_study(replace(cfg, seed=seeds[0]) if seeds else cfg, fresh, stages)
-    results = report.build(cfg.out_dir)
+    with tracking.study_run(cfg):  # --mlflow: the stages' runs nested under one
+        if len(seeds) > 1:
+            for seed in seeds:
+                print(f"=== seed {seed} ===", flush=True)
+                run_study(replace(cfg, seed=seed, out=os.path.join(cfg.out_dir, f"seed_{seed}"),
+                                  storage=storage.join(cfg.storage, f"seed_{seed}") if cfg.storage else ""), fresh, stages)
+        else:
+            run_study(replace(cfg, seed=seeds[0]) if seeds else cfg, fresh, stages)
+        results = report.build(cfg.out_dir)
+        tracking.add_report([os.path.join(cfg.out_dir, name) for name in report.FILES])
     if (store := open_storage(cfg.storage)) is not None:
         for name in report.FILES:
             store.push(cfg.out_dir, name)
