@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fresh", action="store_true", help="ignore finished results and checkpoints")
     p = sub.add_parser("report", help="rebuild <out>/report.html, report.md and results.json from disk")
     p.add_argument("--out", required=True, help="the study's run folder")
+    p = sub.add_parser("export", help="a trained encoder as safetensors with timm's names, its config and a model card")
+    p.add_argument("--out", required=True, help="the study's run folder")
+    p.add_argument("--stage", dest="stage_name", required=True, choices=("ssl", "finetune"),
+                   help="M, or the fine-tuned model")
+    p.add_argument("target", help="the folder to write (model.safetensors, config.json, README.md)")
     return parser
 
 
@@ -91,6 +96,12 @@ def _run(args) -> None:
     if args.stage == "report":
         report.build(os.path.abspath(args.out))
         print(f"report: {os.path.join(os.path.abspath(args.out), 'report.html')}")
+        return
+    if args.stage == "export":
+        from raysslvit.export import export
+
+        target = export(os.path.abspath(args.out), args.stage_name, args.target)
+        print(f"exported {args.stage_name} for timm: {target} (model.safetensors, config.json, README.md)")
         return
     cfg = config_from_args(args)
     if args.stage != "run":

@@ -96,12 +96,12 @@ def launch(folder: RunFolder, job: Job, inputs: dict, on_epoch: Callable[[dict],
     if job.resumed_after_epoch is not None:  # this call's wall time covers only the epochs after it
         timing["resumed_after_epoch"] = job.resumed_after_epoch
     metrics = {**metrics, "timing": timing}
-    # the model config travels with the weights (fine-tuning keeps M's shape)
-    folder.write(cfg, metrics, result_model(job.stage, state) if state is not None else None, inputs=inputs)
-    if events is not None:
+    if events is not None:  # before the result: a stage whose result is written has all its events
         events.close()
         if os.path.isdir(events.path):
             folder.push(events.path)
+    # the model config travels with the weights (fine-tuning keeps M's shape)
+    folder.write(cfg, metrics, result_model(job.stage, state) if state is not None else None, inputs=inputs)
     add_artifacts(job.mlflow, folder.path)
     print(f"{job.stage}: done in {timing['wall_s']:.0f} s: " + " ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float))
