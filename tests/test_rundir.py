@@ -238,13 +238,14 @@ def test_storage_holds_every_output_and_a_new_folder_is_filled_from_it(tmp_path,
     store = tmp_path / "storage"
     assert _ssl(tmp_path / "a", "--storage", str(store), "--epochs", "2") == 0
     kept = sorted(str(p.relative_to(store / "ssl")) for p in (store / "ssl").rglob("*") if p.is_file())
-    assert [k for k in kept if "checkpoints" not in k] == ["config.json", "metrics.json", "model.pt"]
+    assert [k for k in kept if "checkpoints" not in k and "tensorboard" not in k] == ["config.json", "metrics.json", "model.pt"]
+    assert any(k.startswith("tensorboard/events.out.tfevents.") for k in kept)  # the stage's event files too
     assert [os.path.basename(os.path.dirname(k)) for k in kept if k.endswith("state.pt")] == ["checkpoint_000002"]
     assert (store / "ssl" / "model.pt").read_bytes() == (tmp_path / "a" / "ssl" / "model.pt").read_bytes()
     capsys.readouterr()
     assert _ssl(tmp_path / "b", "--storage", str(store), "--epochs", "2") == 0
     out = capsys.readouterr().out
-    assert f"ssl: 5 file(s) fetched from {store / 'ssl'}" in out and "ssl: done already" in out
+    assert f"ssl: 6 file(s) fetched from {store / 'ssl'}" in out and "ssl: done already" in out
     # a later stage alone, from yet another empty folder: M comes from the storage too
     assert main(["probe", "--launcher", "local", "--out", str(tmp_path / "c"), "--storage", str(store), "--epochs", "1"]) == 0
     assert (store / "probe" / "config.json").exists() and (tmp_path / "c" / "ssl" / "model.pt").exists()
