@@ -99,7 +99,7 @@ def _figures(metrics: dict) -> str:
                      if k.startswith(("val_", "test_")) and isinstance(v, float))
 
 
-def model_card(stage: str, run: dict, metrics: dict, probe: dict | None, timm_cfg: dict) -> str:
+def model_card(stage: str, run: dict, metrics: dict, probe: dict | None) -> str:
     """README.md of an export: what the weights are, how they were made, what they score."""
     cfg, data, model = run["config"], run["config"]["data"], run["config"]["model"]
     source = data["data_dir"] or {"sample": "the embedded CIFAR-10 sample (250 train + 50 test images per class)",
@@ -153,7 +153,7 @@ def export(out: str, stage: str, target: str) -> str:
     cfg = timm_config(ViTConfig(**saved["model_config"]), num_classes, stage)
     probe = _probe_of(os.path.join(out, "probe"), model_path) if stage == "ssl" else None
     card = model_card(stage, read_json(os.path.join(folder, "config.json")), read_json(os.path.join(folder, "metrics.json")),
-                      probe, cfg)
+                      probe)
     os.makedirs(target, exist_ok=True)
     with atomic_path(os.path.join(target, WEIGHTS)) as tmp:
         save_file(weights, tmp, metadata={"format": "pt"})

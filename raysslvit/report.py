@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from raysslvit.artifacts import atomic_path, try_read_json, write_json
 from raysslvit.errors import UserError
 from raysslvit.stages import STAGES
+from raysslvit.tracking import numbers
 
 # what `build` writes into the run folder, beside the stages' folders
 FILES = ("report.html", "report.md", "results.json", "training_curves.png")
@@ -67,10 +68,6 @@ def load_runs(out: str) -> dict[str, dict[int, dict]]:
     return runs
 
 
-def _numbers(m: dict) -> dict:
-    return {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
     """results.json: every stage's metrics (mean over seeds, `<key>_std` beside each when several),
     without per-epoch history, plus seeds, wall times, config and provenance."""
@@ -83,7 +80,7 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
             results[key] = {k: v for k, v in next(iter(by_seed.values())).items() if k != "history"}
             continue
         merged = {}
-        for k in sorted(set.intersection(*(set(_numbers(r)) for r in by_seed.values()))):
+        for k in sorted(set.intersection(*(set(numbers(r)) for r in by_seed.values()))):
             values = [float(r[k]) for r in by_seed.values()]
             merged[k], merged[f"{k}_std"] = statistics.mean(values), statistics.stdev(values)
         merged["per_seed"] = {str(seed): {k: v for k, v in m.items() if k != "history"} for seed, m in by_seed.items()}

@@ -22,10 +22,14 @@ EXPERIMENT = "raysslvit"
 _study_run: dict = {}  # the open parent run of `run`, on the driver
 
 
+def numbers(metrics: dict) -> dict:
+    """A metrics dict's numbers (not the history, the timing or a flag)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def scalars(metrics: dict) -> dict[str, float]:
-    """A report's numbers (not the epoch counter, the history or the timing)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+    """A report's numbers as a tracker logs them (not the epoch counter: it is the step)."""
+    return {k: float(v) for k, v in numbers(metrics).items() if k != "epoch"}
 
 
 def tag(key: str) -> str:

@@ -13,7 +13,9 @@ TRAINED = [key for key, s in STAGES.items() if s.worker is not None]
 def mlflow_runs(store, experiment="raysslvit"):
     import mlflow
 
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    from raysslvit.tracking import allow_file_store
+
+    allow_file_store()
     mlflow.set_tracking_uri(f"file://{store}")
     return mlflow.search_runs(experiment_names=[experiment], output_format="list"), mlflow.MlflowClient()
 
