@@ -33,6 +33,10 @@ class DataConfig:
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+def _check_init(init: str) -> None:
+    _check(init in ("checkpoint", "random"), f"unknown init {init!r}: use checkpoint or random")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation shared by every gradient-trained stage: AdamW, linear warmup, cosine decay."""
@@ -93,8 +97,10 @@ class ProbeConfig:
     epochs: int = 300  # converged, at a third of 1000 epochs' time (docs/recipes.md, "Probe length")
     batch_size: int = 2048
     lr: float = 1e-2
+    init: str = "checkpoint"  # checkpoint: M or --checkpoint | random: a random encoder of the model section's shape (the control)
 
     def __post_init__(self):
+        _check_init(self.init)
         _check(self.features in ("cls", "multi", "tokens"), f"unknown probe features {self.features!r}: use cls, multi or tokens")
         _check(self.probe_blocks >= 1, f"probe_blocks must be at least 1, got {self.probe_blocks}")
         _check(len(self.weight_decays) > 0, "weight_decays must not be empty")
@@ -111,9 +117,11 @@ class FinetuneConfig(TrainConfig):
     layer_decay: float = 1.0  # lr multiplier per block below the head (BEiT / MAE); 1.0 on val (docs/recipes.md)
     drop_path: float = 0.1
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of pairs within a batch; 0 turns it off
+    init: str = "checkpoint"  # checkpoint: M or --checkpoint | random: from scratch, the model section's shape (the control)
 
     def __post_init__(self):
         super().__post_init__()
+        _check_init(self.init)
         _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
         _check(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")

@@ -52,6 +52,10 @@ class Splits:
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
 
+    def sizes(self) -> dict[str, int]:
+        """Images per split and the number of classes: what the report tells full CIFAR-10 by."""
+        return {"train": len(self.train_y), "val": len(self.val_y), "test": len(self.test_y), "classes": len(self.classes)}
+
     def image_ids(self, name: str) -> list[str]:
         """Stable ids of a split's images, in order: `train/123` (val's too) or `test/45`."""
         source = "test" if name == "test" else "train"

@@ -101,7 +101,8 @@ def launch(folder: RunFolder, job: Job, inputs: dict, on_epoch: Callable[[dict],
         if os.path.isdir(events.path):
             folder.push(events.path)
     # the model config travels with the weights (fine-tuning keeps M's shape)
-    folder.write(cfg, metrics, result_model(job.stage, state) if state is not None else None, inputs=inputs)
+    folder.write(cfg, metrics, result_model(job.stage, state) if state is not None else None, inputs=inputs,
+                 data_sizes=job.splits.sizes())
     add_artifacts(job.mlflow, folder.path)
     print(f"{job.stage}: done in {timing['wall_s']:.0f} s: " + " ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")) and isinstance(v, float))

@@ -25,21 +25,23 @@ from raysslvit.tracking import numbers
 
 # what `build` writes into the run folder, beside the stages' folders
 FILES = ("report.html", "report.md", "results.json", "training_curves.png")
-# (results key, metric, what it is, the study's figure)
+# (results key, metric, what it is, the study's figure, the control it is compared with)
 TABLE = [
-    ("probe", "test_acc_cls", "linear probe of M, final CLS (the study's protocol)", 0.3851),
-    ("probe", "test_acc", "linear probe of M, the chosen features", None),
-    ("infonce_probe", "test_acc_cls", "linear probe of the InfoNCE baseline, final CLS", 0.4008),
-    ("finetune", "test_acc", "fine-tuning", 0.4029),
-    ("video_1", "test_acc", "pseudo-video, 1 spatio-temporal block", 0.4404),
-    ("video_2", "test_acc", "pseudo-video, 2 spatio-temporal blocks", 0.4244),
-    ("video_mean", "test_acc", "pseudo-video, mean of frame tokens", None),
-    ("fusion", "test_acc", "caption fusion (2 blocks)", 0.7013),
-    ("fusion", "text_only_test_acc", "captions alone (linear probe on CLIP embeddings)", None),
-    ("fusion", "shuffled_caption_test_acc", "fusion given other images' captions", None),
-    ("analyze", "cka_before", "CKA, CLS entering the last block vs after its attention: M", 0.8698),
-    ("analyze", "cka_after", "the same, fine-tuned model", 0.7353),
+    ("probe", "test_acc_cls", "linear probe of M, final CLS (the study's protocol)", 0.3851, "probe_random"),
+    ("probe", "test_acc", "linear probe of M, the chosen features", None, "probe_random"),
+    ("infonce_probe", "test_acc_cls", "linear probe of the InfoNCE baseline, final CLS", 0.4008, "probe_random"),
+    ("finetune", "test_acc", "fine-tuning", 0.4029, "scratch"),
+    ("video_1", "test_acc", "pseudo-video, 1 spatio-temporal block", 0.4404, None),
+    ("video_2", "test_acc", "pseudo-video, 2 spatio-temporal blocks", 0.4244, None),
+    ("video_mean", "test_acc", "pseudo-video, mean of frame tokens", None, None),
+    ("fusion", "test_acc", "caption fusion (2 blocks)", 0.7013, None),
+    ("fusion", "text_only_test_acc", "captions alone (linear probe on CLIP embeddings)", None, None),
+    ("fusion", "shuffled_caption_test_acc", "fusion given other images' captions", None, None),
+    ("analyze", "cka_before", "CKA, CLS entering the last block vs after its attention: M", 0.8698, None),
+    ("analyze", "cka_after", "the same, fine-tuned model", 0.7353, None),
 ]
+# the study's figures are on full CIFAR-10: 50,000 train (ours: train + val) and 10,000 test images
+CIFAR10_SIZES = {"train_and_val": 50000, "test": 10000, "classes": 10}
 ANALYZE = [("focus_entropy_before", "focus entropy of the CLS-to-patch map, M (lower = focused)"),
            ("focus_entropy_after", "the same, fine-tuned model"),
            ("top4_mass_before", "mass in the top 4 of 16 patches, M"), ("top4_mass_after", "the same, fine-tuned model"),
@@ -92,6 +94,9 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
         raise UserError(f"no finished stage in {out}: run `python -m raysslvit run --out {out}` first")
     saved = next(iter(configs.values()))
     results["config"] = saved["config"]
+    results["data_sizes"] = next((c["data_sizes"] for c in configs.values() if isinstance(c.get("data_sizes"), dict)), None)
+    results["full_cifar10"] = full_cifar10(results["data_sizes"])
+    results["ssl_gain"] = ssl_gains(runs)
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
     # a study built over several sittings holds stages made at different commits: say which
     commits: dict[str, list[str]] = {}
@@ -103,6 +108,77 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
     # the last finished `run` call (stages it found done take seconds); None before one finished
     results["last_run_wall_s"] = sum(s["wall_s"] for s in study) if study else None
     return results
+
+
+def full_cifar10(sizes: dict | None) -> bool:
+    """Whether the stages saw the study's data: only then are its figures a comparison."""
+    return bool(sizes) and {"train_and_val": sizes["train"] + sizes["val"], "test": sizes["test"],
+                            "classes": sizes["classes"]} == CIFAR10_SIZES
+
+
+def ssl_gains(runs: dict[str, dict[int, dict]]) -> dict:
+    """{"<key>.<metric>": the figure minus its control}, paired by seed (same data, split and seed):
+    mean ± std of the per-seed differences; established only over two or more seeds and when the
+    mean is at least two of their standard deviations away from zero."""
+    gains = {}
+    for key, metric, _, _, control in TABLE:
+        seeds = sorted(set(runs.get(key, {})) & set(runs.get(control, {}))) if control else []
+        diffs = {seed: float(runs[key][seed][metric]) - float(runs[control][seed][metric]) for seed in seeds
+                 if runs[key][seed].get(metric) is not None and runs[control][seed].get(metric) is not None}
+        if not diffs:
+            continue
+        mean = statistics.mean(diffs.values())
+        std = statistics.stdev(diffs.values()) if len(diffs) > 1 else None
+        gains[f"{key}.{metric}"] = {"control": control, "gain": mean, "gain_std": std,
+                                    "per_seed": {str(seed): d for seed, d in diffs.items()},
+                                    "established": std is not None and abs(mean) >= 2 * std}
+    return gains
+
+
+def _gain(results: dict, key: str, metric: str) -> str:
+    g = results.get("ssl_gain", {}).get(f"{key}.{metric}")
+    if g is None:
+        return "—"
+    text = f"{g['gain']:+.4f}" + (f" ± {g['gain_std']:.4f}" if g["gain_std"] is not None else "")
+    return text if g["established"] else text + " (not established)"
+
+
+def plumbing_note(results: dict) -> str | None:
+    """Why the study's figures are left out, when the data is not full CIFAR-10."""
+    if results.get("full_cifar10", True):
+        return None
+    sizes = results.get("data_sizes")
+    seen = (f"{sizes['train']} train / {sizes['val']} val / {sizes['test']} test images, {sizes['classes']} classes"
+            if sizes else "data of unrecorded size")
+    return (f"Plumbing check: these stages saw {seen}, not full CIFAR-10, so their figures are not "
+            f"comparable with the study's, which are left out.")
+
+
+def rows(results: dict, done_only: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The results table (header, rows): each figure, its control, the SSL gain, and the study's
+    figure when the data is full CIFAR-10; `done_only`: only the stages that ran."""
+    comparable = plumbing_note(results) is None
+    header = ["figure (test split)", "ours", "control", "SSL gain"] + (["the study"] if comparable else [])
+    body = []
+    for key, metric, what, study, control in TABLE:
+        if key in results.get("skipped", {}) or (done_only and not results.get(key)):
+            continue
+        row = [what, _fmt(results.get(key), metric),
+               f"{_fmt(results.get(control), metric)} ({control})" if control and results.get(control) else "—",
+               _gain(results, key, metric)]
+        body.append(row + ([f"{study:.4f}" if study else ""] if comparable else []))
+    return header, body
+
+
+def seed_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Every seed's figure of the results table, and of the controls: (header, rows); none for one seed."""
+    seeds = [str(s) for s in results["seeds"]]
+    figures = [(key, metric, what) for key, metric, what, _, _ in TABLE]
+    controls = {(c, metric) for _, metric, _, _, c in TABLE if c}
+    figures += [(c, metric, f"control {c}, {metric}") for c, metric in sorted(controls)]
+    body = [[what] + [f"{per[s][metric]:.4f}" if s in per and per[s].get(metric) is not None else "—" for s in seeds]
+            for key, metric, what in figures if (per := (results.get(key) or {}).get("per_seed"))]
+    return (["figure (test split)"] + [f"seed {s}" for s in seeds], body) if len(seeds) > 1 else ([], [])
 
 
 def _fmt(m: dict | None, key: str) -> str:
@@ -187,13 +263,13 @@ def _skipped_rows(results: dict) -> list[list[str]]:
 
 
 def summary(results: dict) -> str:
-    """The results table as console lines (test split)."""
-    rows = [(what, _fmt(results.get(key), metric), f"{study:.4f}" if study else "")
-            for key, metric, what, study in TABLE if results.get(key) and key not in results.get("skipped", {})]
-    width = max(len(r[0]) for r in rows) if rows else 0
-    lines = [f"{'figure (test split)':<{width}}  {'ours':<16}  the study"]
-    lines += [f"{what:<{width}}  {ours:<16}  {study}" for what, ours, study in rows]
+    """The results table as console lines (test split): the figures the study reached."""
+    header, body = rows(results, done_only=True)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
     lines += [f"{keys}: skipped ({why})" for keys, why in _skipped_rows(results)]
+    if note := plumbing_note(results):
+        lines.append(note)
     return "\n".join(lines)
 
 
@@ -203,8 +279,11 @@ def build(out: str) -> dict:
     results = collect(out, runs)
     n = len(results["seeds"])
     spread = f"mean ± std over {n} seeds ({', '.join(map(str, results['seeds']))})" if n > 1 else f"seed {results['seeds'][0]}"
-    main_rows = [[what, _fmt(results.get(key), metric), f"{study:.4f}" if study else ""]
-                 for key, metric, what, study in TABLE if key not in results.get("skipped", {})]
+    main_header, main_rows = rows(results)
+    note = plumbing_note(results)
+    gain_note = ("SSL gain: the figure minus its control (the same recipe, data and seed from random "
+                 "weights), paired by seed; not established under two seeds or within two standard "
+                 "deviations of the per-seed differences.")
     skipped = _skipped_rows(results)
     analyze_rows = [[what, _fmt(results.get("analyze"), key)] for key, what in ANALYZE]
     wall_times = _wall_times(runs)
@@ -232,7 +311,10 @@ def build(out: str) -> dict:
     write_json(os.path.join(out, "results.json"), results)
     md = [f"# raysslvit study: preset `{results['config']['preset']}`", "",
           f"Test split, {spread}. Machine: {machine}. {timing} {made_at}.", "",
-          "## Results", "", _md_table(["figure", "ours (test)", "the study"], main_rows), ""]
+          "## Results", "", *([note, ""] if note else []), _md_table(main_header, main_rows), "", gain_note, ""]
+    seed_header, per_seed = seed_rows(results)
+    if per_seed:
+        md += ["## Every seed", "", _md_table(seed_header, per_seed), ""]
     if skipped:
         md += ["Skipped here:", "", _md_table(["stage", "why"], skipped), ""]
     md += ["## Analysis", "", _md_table(["measure", "value"], analyze_rows), ""]
@@ -252,7 +334,10 @@ def build(out: str) -> dict:
              f"<h1>raysslvit study: preset <code>{html.escape(results['config']['preset'])}</code></h1>",
              f"<p>Test split, {html.escape(spread)}. Machine: {html.escape(machine)}. {html.escape(timing)} "
              f"{html.escape(made_at)}.</p>",
-             "<h2>Results</h2>", _html_table(["figure", "ours (test)", "the study"], main_rows)]
+             "<h2>Results</h2>", *([f"<p><strong>{html.escape(note)}</strong></p>"] if note else []),
+             _html_table(main_header, main_rows), f"<p>{html.escape(gain_note)}</p>"]
+    if per_seed:
+        parts += ["<h2>Every seed</h2>", _html_table(seed_header, per_seed)]
     if skipped:
         parts += ["<p>Skipped here:</p>", _html_table(["stage", "why"], skipped)]
     parts += ["<h2>Analysis</h2>", _html_table(["measure", "value"], analyze_rows)]

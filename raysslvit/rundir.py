@@ -38,7 +38,8 @@ def stage_fingerprint(cfg: Config, section: str, inputs: dict[str, str] | None =
           "data": {"source": source_digest(cfg.data.data, cfg.data.data_dir),
                    "val_fraction": d["data"]["val_fraction"], "split_seed": d["data"]["split_seed"]},
           "inputs": {name: file_digest(path) for name, path in sorted((inputs or {}).items())}}
-    if section == "ssl":  # later stages take the model's shape from their input's weights
+    # later stages take the model's shape from their input's weights, unless they start from random ones
+    if section == "ssl" or d[section].get("init") == "random":
         fp["model"] = d["model"]
     if isinstance(getattr(cfg, section), TrainConfig):  # the world size changes every batch
         fp["num_workers"] = d["num_workers"]

@@ -35,6 +35,7 @@ def test_overrides_use_field_names_and_types():
     ("model.img_size", "48", "img_size must be 32"),
     ("model.stem", "resnet", "unknown stem"),
     ("video.frame_clip_len", "17", "frame_clip_len"),
+    ("finetune.init", "scratch", "unknown init .scratch.: use checkpoint or random"),
 ])
 def test_invalid_values_are_user_errors(key, value, needle):
     with pytest.raises(UserError, match=needle):

@@ -15,7 +15,7 @@ from conftest import SMOKE_RUN
 
 
 def test_run_writes_every_stage(smoke_run):
-    for stage in ("ssl", "probe", "finetune", "ssl_infonce", "probe_ssl_infonce", "video_1", "video_2", "video_mean"):
+    for stage in ("ssl", "probe", "probe_random", "finetune", "scratch", "ssl_infonce", "probe_ssl_infonce", "video_1", "video_2", "video_mean"):
         folder = smoke_run / stage
         assert {"metrics.json", "config.json", "model.pt"} <= set(os.listdir(folder))
         saved = read_json(folder / "config.json")
@@ -24,6 +24,23 @@ def test_run_writes_every_stage(smoke_run):
     assert {"val_rotation_acc", "val_recon_mse"} <= set(read_json(smoke_run / "ssl" / "metrics.json"))
     assert {"val_acc", "test_acc", "test_acc_cls"} <= set(read_json(smoke_run / "probe" / "metrics.json"))
     assert {"val_acc", "test_acc", "best_val_epoch"} <= set(read_json(smoke_run / "finetune" / "metrics.json"))
+
+
+def test_the_controls_start_from_random_weights_of_ms_shape_drawn_from_the_seed(smoke_run):
+    """`finetune --init random` is the study's scratch stage; it reads no M, its weights follow
+    --seed, and its fingerprint holds the model's shape (no input file carries it)."""
+    from raysslvit.config import with_changes
+    from raysslvit.rundir import stage_fingerprint
+    from raysslvit.stages import for_command, random_checkpoint
+
+    cfg = build_config("smoke", {"out": str(smoke_run), "finetune.init": "random", "probe.init": "random"})
+    scratch, control = for_command("finetune", cfg), for_command("probe", cfg)
+    assert (scratch.key, control.key) == ("scratch", "probe_random") and scratch.inputs(cfg) == control.inputs(cfg) == {}
+    a, b, other = (random_checkpoint(c)["state_dict"] for c in (cfg, cfg, with_changes(cfg, {"seed": 1})))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], other[k]) for k in a)
+    assert stage_fingerprint(cfg, "finetune")["model"] == cfg.model.to_dict()
+    assert "model" not in stage_fingerprint(with_changes(cfg, {"finetune.init": "checkpoint"}), "finetune")
+    assert read_json(smoke_run / "scratch" / "metrics.json")["test_acc"] > 0.2  # learns (chance 0.1) from nothing
 
 
 def test_ssl_learns_rotation(smoke_run):

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import torch
+
 from raysslvit import storage, tracking
 from raysslvit.artifacts import write_json
 from raysslvit.config import Config, with_changes
@@ -24,16 +26,27 @@ from raysslvit.rundir import RunFolder, load_state, stage_fingerprint
 from raysslvit.storage import Storage, open_storage
 from raysslvit.stages import analyze, captions, finetune, fusion, probe, ssl, video
 from raysslvit.stages.common import encoder_path, load_data, read_checkpoint
+from raysslvit.vit import VisionTransformer
 
 
-def m_input(cfg: Config) -> dict[str, str]:
-    """The encoder a stage starts from: --checkpoint or this run's M, checked on the driver."""
-    return {"checkpoint": encoder_path(cfg)}
+def encoder_input(section: str) -> Callable[[Config], dict[str, str]]:
+    """The encoder a stage of `section` starts from: --checkpoint or this run's M, checked on the
+    driver; none for a random start (`<section>.init=random`, the controls)."""
+    return lambda cfg: {} if getattr(cfg, section).init == "random" else {"checkpoint": encoder_path(cfg)}
+
+
+def random_checkpoint(cfg: Config) -> dict:
+    """A checkpoint of a randomly initialised encoder of the model section's shape, seeded by --seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        encoder = VisionTransformer(cfg.model)
+    return {"stage": "random", "model_config": cfg.model.to_dict(),
+            "state_dict": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
 
 
 def hand_checkpoints(cfg: Config, paths: dict, splits) -> dict:
     """What workers of an encoder stage are handed: the checkpoint's weights themselves."""
-    return {"checkpoint": read_checkpoint(paths["checkpoint"])}
+    return {"checkpoint": read_checkpoint(paths["checkpoint"]) if "checkpoint" in paths else random_checkpoint(cfg)}
 
 
 def hand_video(cfg: Config, paths: dict, splits) -> dict:
@@ -64,20 +77,24 @@ class Stage:
     ray_actors: bool = False  # runs Ray actors of its own on the driver: a worker group must free its CPUs first
 
 
-_ENCODER = dict(inputs=m_input, hand=hand_checkpoints, needs=("ssl",))
-_VIDEO = dict(command="video", section="video", folder_of=video.folder, inputs=m_input, hand=hand_video,
+_PROBE = dict(command="probe", section="probe", folder_of=probe.folder, worker=probe.worker,
+              inputs=encoder_input("probe"), hand=hand_checkpoints)
+_FINETUNE = dict(command="finetune", section="finetune", folder_of=finetune.folder, worker=finetune.worker,
+                 inputs=encoder_input("finetune"), hand=hand_checkpoints, epochs=True, monitor="val_acc")
+_VIDEO = dict(command="video", section="video", folder_of=video.folder, inputs=encoder_input("video"), hand=hand_video,
               needs=("ssl",), worker=video.worker, epochs=True, monitor="val_acc")
 
 STAGES = {s.key: s for s in [
     Stage("ssl", "ssl", "ssl", "ssl", folder_of=ssl.folder, worker=ssl.worker, epochs=True, monitor="val_rotation_acc"),
-    Stage("probe", "probe", "probe", "probe", folder_of=probe.folder, worker=probe.worker, **_ENCODER),
+    Stage("probe", "probe", needs=("ssl",), **_PROBE),
+    # the controls: the same recipe, data and seed from random weights of M's shape
+    Stage("probe_random", "probe_random", variant=lambda cfg: {"probe.init": "random"}, **_PROBE),
     Stage("infonce", "ssl_infonce", "ssl", "ssl", variant=lambda cfg: {"ssl.objective": "infonce"},
           folder_of=ssl.folder, worker=ssl.worker, epochs=True, monitor="val_pair_acc"),
-    Stage("infonce_probe", "probe_ssl_infonce", "probe", "probe", folder_of=probe.folder, worker=probe.worker,
-          variant=lambda cfg: {"checkpoint": os.path.join(cfg.out_dir, STAGES["infonce"].folder, "model.pt")},
-          inputs=m_input, hand=hand_checkpoints, needs=("infonce",)),
-    Stage("finetune", "finetune", "finetune", "finetune", worker=finetune.worker, epochs=True, monitor="val_acc",
-          **_ENCODER),
+    Stage("infonce_probe", "probe_ssl_infonce", needs=("infonce",),
+          variant=lambda cfg: {"checkpoint": os.path.join(cfg.out_dir, STAGES["infonce"].folder, "model.pt")}, **_PROBE),
+    Stage("finetune", "finetune", needs=("ssl",), **_FINETUNE),
+    Stage("scratch", "scratch", variant=lambda cfg: {"finetune.init": "random"}, **_FINETUNE),
     Stage("analyze", "analyze", "analyze", "analyze", needs=("ssl", "finetune"), inputs=analyze.inputs,
           local=analyze.local),
     Stage("video_1", "video_1", variant=lambda cfg: {"video.st_blocks": 1}, **_VIDEO),

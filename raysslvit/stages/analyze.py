@@ -156,6 +156,6 @@ def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
     with atomic_path(os.path.join(folder.path, "arrays.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     metrics["timing"] = {"wall_s": time.perf_counter() - started}
-    folder.write(cfg, metrics, inputs=paths)
+    folder.write(cfg, metrics, inputs=paths, data_sizes=splits.sizes())
     print("analyze: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
     return metrics

@@ -123,7 +123,7 @@ def local(cfg: Config, folder: RunFolder, paths: dict, splits) -> dict:
     with atomic_path(table) as tmp:  # the finished table replaces the old one only now
         frame.sort_values("id", kind="stable").to_parquet(tmp, index=False)
     shutil.rmtree(partial)
-    folder.write(cfg, metrics, weights=weights)
+    folder.write(cfg, metrics, weights=weights, data_sizes=splits.sizes())
     print(f"captions: {metrics['images']} rows, embedding width {metrics['embedding_dim']}, "
           f"label word rate {metrics['label_word_rate']:.3f}, {metrics['images_per_s']:.1f} images/s "
           f"on {len(nodes)} node(s) -> {table}", flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raysslvit.config import FinetuneConfig
+from raysslvit.config import Config, FinetuneConfig
 from raysslvit.data import normalize
 from raysslvit.engine import WorkerContext, accuracy, fit
 from raysslvit.stages.common import encoder_from
@@ -49,3 +49,8 @@ def worker(job, ctx: WorkerContext, report, resume) -> dict:
     encoder = encoder_from(job.given["checkpoint"], drop_path=cfg.finetune.drop_path)
     task = ClassificationTask(cfg.finetune, Classifier(encoder, len(splits.classes)))
     return fit(task, splits, cfg.finetune, ctx, report, resume, seed=cfg.seed, layer_decay=cfg.finetune.layer_decay)
+
+
+def folder(cfg: Config) -> str:
+    """`finetune` from M or --checkpoint; `scratch` from random weights (the control)."""
+    return "scratch" if cfg.finetune.init == "random" else "finetune"

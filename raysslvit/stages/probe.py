@@ -103,6 +103,6 @@ def worker(job, ctx: WorkerContext, report, resume) -> dict:
 
 
 def folder(cfg: Config) -> str:
-    """`probe` for model M; `probe_<stage>` for another encoder (e.g. probe_ssl_infonce)."""
-    source = read_checkpoint(encoder_path(cfg))["stage"]
+    """`probe` for model M; `probe_<stage>` for another encoder (e.g. probe_ssl_infonce, probe_random)."""
+    source = "random" if cfg.probe.init == "random" else read_checkpoint(encoder_path(cfg))["stage"]
     return "probe" if source == "ssl" else f"probe_{source}"

@@ -17,7 +17,8 @@ from raysslvit.video import VideoTransformer
 
 
 def folder(cfg: Config) -> str:
-    return "video_mean" if cfg.video.temporal == "mean" else f"video_{cfg.video.st_blocks}"
+    name = "video_mean" if cfg.video.temporal == "mean" else f"video_{cfg.video.st_blocks}"
+    return f"{name}_scratch" if cfg.video.init == "random" else name
 
 
 def frame_features(model: VideoTransformer, x: torch.Tensor) -> torch.Tensor:
