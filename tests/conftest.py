@@ -80,7 +80,7 @@ def two_nodes(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tune_study(tmp_path_factory, request):
-    """The depth study (three trials, one SSL epoch each, in-process) interrupted with Ctrl-C once
+    """The depth study (its file with three depths, one SSL epoch each, in-process) interrupted with Ctrl-C once
     its first trial finished, then finished with --resume: on the two nodes with its storage in S3
     (then copied here for the readers), else, where they cannot run, on the suite's Ray with a
     local folder. Returns the study's folder, the first trial's records before the resume, the
@@ -98,7 +98,11 @@ def tune_study(tmp_path_factory, request):
         cluster = None
         address, storage = request.getfixturevalue("ray_local").get_runtime_context().gcs_address, str(tmp / "t")
         env, data = {**os.environ, "PYTHONPATH": root}, os.path.join(str(tmp), "data")
-    args = [sys.executable, "-m", "raysslvit.tune", "--space", "depth", "--storage-path", storage, "--address", address,
+    with open(os.path.join(root, "tune_spaces", "depth.yaml")) as f:
+        spec = yaml.safe_load(f)
+    spec["space"]["model.depth"] = {"grid": [1, 2, 3]}  # the shipped five (up to 8 blocks) take longer
+    (space := tmp / "depth.yaml").write_text(yaml.safe_dump(spec))
+    args = [sys.executable, "-m", "raysslvit.tune", "--space", str(space), "--storage-path", storage, "--address", address,
             "--set=launcher=local", "--set=ssl.epochs=1", "--set=probe.epochs=1", f"--set=data.data_root={data}",
             "--mlflow", str(tmp / "mlruns")]  # Tune's MLflow callback, on the driver: here
     stored = Storage(storage).child("depth")
