@@ -11,6 +11,8 @@ from raysslvit.config import build_config
 from raysslvit.errors import UserError
 from raysslvit.stages import STAGES, run_command, run_stage
 
+from nodes import why_not
+
 
 def same_run(a: dict, b: dict) -> bool:
     """Equal final metrics and per-epoch history, but for wall times."""
@@ -48,6 +50,8 @@ def failing_worker(calls):
     return worker
 
 
+@pytest.mark.skipif(why_not() is None, reason="where the two nodes run, their study test's one-node reference "
+                                              "restarts a dead worker and meets a user error (test_two_nodes)")
 def test_a_dead_worker_restarts_from_its_checkpoint_and_a_user_error_is_not_retried(tmp_path, ray_local, capfd):
     """On one worker group: a worker that dies is restarted and handed the last checkpoint, as a new
     run is (test_rundir), and its run ends with the same fit as in-process (torch is seeded from the

@@ -2,8 +2,9 @@
 an empty tmpfs; checkpoints and results go to a real S3 server on loopback). A study's trained
 stages run on one two-worker TorchTrainer group across both nodes; its driver is killed mid-stage
 and run again as a Ray job (its driver on the head, in a fresh copy of the checkout): it resumes
-from the checkpoint in S3 and ends with the figures of the same study on one node, whose worker
-group then shows that a user error on one rank ends the job at once. Without --storage, a run on
+from the checkpoint in S3 and ends with the figures of the same study on one node, where a worker
+dies once and Ray Train restarts the group from its checkpoint; that group then shows that a user
+error on one rank ends the job at once, not retried. Without --storage, a run on
 the two nodes stops before any worker starts. The captions stage's actors run on both nodes."""
 import json
 import os
@@ -24,6 +25,7 @@ from raysslvit.stages import STAGES, run_stage
 from raysslvit.storage import Storage
 
 from test_cli import ROOT
+from test_launch import stops_after
 
 from nodes import CREDENTIALS, read_stored
 
@@ -32,14 +34,16 @@ RUN = ["run", "--num-workers", "2", "--cpus-per-worker", "1", "--stages", "finet
        "--set=ssl.epochs=3", "--set=finetune.epochs=1", "--set=video.epochs=1"]
 
 
-def failing_on_rank_1():
-    """A worker whose rank 1 meets a user error while rank 0 waits for it (a closure: Ray's processes
-    cannot import this test module)."""
+def failing_on_rank_1(calls: str):
+    """A worker whose rank 1 counts its calls in a file and meets a user error while rank 0 waits for
+    it (a closure: Ray's processes cannot import this test module)."""
 
     def worker(job, ctx, report, resume):
         import torch.distributed
 
         if ctx.rank == 1:
+            with open(calls, "a") as f:
+                f.write("x")
             raise UserError("rank 1 cannot read its input")
         torch.distributed.barrier()  # never passed: its peer gave up
 
@@ -75,7 +79,7 @@ def ours(lines):
     return [line for line in lines if "(raylet)" not in line]
 
 
-def test_a_study_runs_across_two_nodes_that_share_no_disk(two_nodes, ray_local):
+def test_a_study_runs_across_two_nodes_that_share_no_disk(two_nodes, ray_local, capfd):
     """The last test on the two nodes (conftest sorts it so): it stops them before its one-node reference."""
     unseen, bucket = two_nodes.unseen, two_nodes.bucket
     try:
@@ -124,25 +128,31 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(two_nodes, ray_local):
             "s3://bucket/prefix), where its checkpoints and results are kept"]
     finally:
         two_nodes.stop()
-    # the same study on one node with one shared disk, uninterrupted: the same figures
+    # the same study on one node with one shared disk, its SSL worker dying once after epoch 2 and
+    # restarted by Ray Train from that checkpoint: the same figures
     args = build_parser().parse_args([*RUN, "--data-root", os.path.join(unseen, "data"), "--out", os.path.join(unseen, "one")])
-    cfg = config_from_args(args)
-    group = WorkerGroup(cfg)
+    cfg = replace(config_from_args(args), max_failures=1)
+    group, calls = WorkerGroup(cfg), os.path.join(unseen, "calls")
     try:
         figures = lambda metrics: {k: v for k, v in metrics.items() if k != "history" and k != "timing" and
                                    not k.endswith("_s")}
         for stage in ("ssl", "finetune", "video_2"):  # the study's steps less the probe, which none of them reads
-            one = run_stage(STAGES[stage], with_changes(cfg, STAGES[stage].variant(cfg)), group=group)
+            record = stops_after(2, os.path.join(unseen, "died-once")) if stage == "ssl" else STAGES[stage]
+            one = run_stage(record, with_changes(cfg, STAGES[stage].variant(cfg)), group=group)
             assert figures(two[stage]) == figures(one), stage
-        # a user error on one rank ends the job at once, its peer waiting on it in a collective or not
+        assert os.path.exists(os.path.join(unseen, "died-once"))  # it did die, and its restart went on
+        assert "ssl: a worker died; Ray Train restarted the group: resuming" in capfd.readouterr().out
+        # a user error on one rank ends the job at once, not retried, its peer waiting on it in a collective or not
         started = time.time()
         with pytest.raises(UserError, match="^rank 1 cannot read its input$"):
-            run_stage(replace(STAGES["ssl"], worker=failing_on_rank_1()), replace(cfg, out=os.path.join(unseen, "f")),
+            run_stage(replace(STAGES["ssl"], worker=failing_on_rank_1(calls)), replace(cfg, out=os.path.join(unseen, "f")),
                       group=group)
         assert time.time() - started < 30
+        assert open(calls).read() == "x" and not os.path.exists(os.path.join(unseen, "f", "ssl", "metrics.json"))
         group.close(force=True)
         while ray_local.available_resources().get("CPU", 0) < 2:  # its peer is not left waiting either
             assert time.time() - started < 120, "a rank still holds its CPU"
             time.sleep(0.5)
     finally:
         group.close(force=True)
+    assert "Traceback" not in capfd.readouterr().err
