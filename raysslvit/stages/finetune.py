@@ -48,6 +48,7 @@ def worker(job, ctx: WorkerContext, report, resume) -> dict:
     cfg, splits = job.cfg, job.splits
     encoder = encoder_from(job.given["checkpoint"], drop_path=cfg.finetune.drop_path)
     task = ClassificationTask(cfg.finetune, Classifier(encoder, len(splits.classes)))
+    task.name = folder(cfg)  # its lines say scratch for the control
     return fit(task, splits, cfg.finetune, ctx, report, resume, seed=cfg.seed, layer_decay=cfg.finetune.layer_decay)
 
 
