@@ -148,7 +148,8 @@ def test_a_study_runs_across_two_nodes_that_share_no_disk(two_nodes, ray_local, 
             run_stage(replace(STAGES["ssl"], worker=failing_on_rank_1(calls)), replace(cfg, out=os.path.join(unseen, "f")),
                       group=group)
         assert time.time() - started < 30
-        assert open(calls).read() == "x" and not os.path.exists(os.path.join(unseen, "f", "ssl", "metrics.json"))
+        with open(calls) as f:
+            assert f.read() == "x" and not os.path.exists(os.path.join(unseen, "f", "ssl", "metrics.json"))
         group.close(force=True)
         while ray_local.available_resources().get("CPU", 0) < 2:  # its peer is not left waiting either
             assert time.time() - started < 120, "a rank still holds its CPU"
