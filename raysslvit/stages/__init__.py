@@ -21,6 +21,7 @@ from raysslvit import storage, tracking
 from raysslvit.artifacts import write_json
 from raysslvit.config import Config, with_changes
 from raysslvit.errors import UserError
+from raysslvit.engine import final_state, result_model
 from raysslvit.launch import Job, WorkerFn, launch
 from raysslvit.rundir import RunFolder, load_state, stage_fingerprint
 from raysslvit.storage import Storage, open_storage
@@ -40,8 +41,8 @@ def random_checkpoint(cfg: Config) -> dict:
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         encoder = VisionTransformer(cfg.model)
-    return {"stage": "random", "model_config": cfg.model.to_dict(),
-            "state_dict": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
+    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    return result_model("random", final_state(cfg.model.to_dict(), weights))
 
 
 def hand_checkpoints(cfg: Config, paths: dict, splits) -> dict:
