@@ -2,8 +2,8 @@
 
 One `WorkerGroup` (one TorchTrainer run) serves a study's consecutive trained stages, one job after
 another, so its workers start once, not once per stage. The driver hands each job to every rank
-through a Ray queue; rank 0 sends back its lines, every epoch's metrics and checkpoint (which the
-driver writes into the stage's folder, so the run folder has one writer) and the final result;
+through its mailbox (mailbox.py); rank 0 sends back its lines, every epoch's metrics and checkpoint
+(which the driver writes into the stage's folder, so the run folder has one writer) and the final result;
 every rank reports each epoch to Ray Train too, so Ray Train callbacks (Tune's) see it. A worker
 that dies is restarted by Ray Train (`max_failures`) and asks for work again: the driver hands it
 the job anew, resuming from the last checkpoint it wrote. A user error on a worker ends the job at
@@ -44,7 +44,7 @@ def _serve(loop_config: dict) -> None:
     tc = ray.train.get_context()
     rank, out = tc.get_world_rank(), loop_config["out"]
     jobs = loop_config["jobs"][rank]
-    # messages travel pickled: the queue actors then never import torch or raysslvit to hold them
+    # messages travel pickled: the mailbox actor then never imports torch to hold them
     send = (lambda *message: out.put(cloudpickle.dumps(message))) if rank == 0 else (lambda *message: None)
     ctx = WorkerContext(rank=rank, world_size=tc.get_world_size(), device=ray.train.torch.get_device(),
                         prepare_model=ray.train.torch.prepare_model, sink=lambda line: send("line", line))
@@ -54,7 +54,7 @@ def _serve(loop_config: dict) -> None:
         last = {}
 
         def report(metrics: dict, state: dict | None):
-            # the state in the message itself: the queue (the driver's) keeps it if this worker dies
+            # the state in the message itself: the mailbox (the driver's) keeps it if this worker dies
             send("epoch", metrics, state)
             ray.train.report(metrics)  # every rank: Ray Train's callbacks (Tune) see each epoch
             last["metrics"] = metrics
@@ -97,7 +97,8 @@ class WorkerGroup:
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
-        from ray.util.queue import Queue
+
+        from raysslvit.mailbox import mailboxes
 
         self.ray_start_s = start_ray(verbose=self.cfg.verbose, address=self.cfg.address)
         nodes = alive_nodes()
@@ -106,8 +107,8 @@ class WorkerGroup:
                             f"sees, or s3://bucket/prefix), where its checkpoints and results are kept")
         check_nodes(self.cfg.mlflow, nodes)
         threads, gpu, resources = worker_resources(self.cfg)
-        self.out = Queue(actor_options={"num_cpus": 0})
-        self.jobs = [Queue(actor_options={"num_cpus": 0}) for _ in range(self.cfg.num_workers)]
+        boxes = mailboxes(["out", *(f"rank {rank}" for rank in range(self.cfg.num_workers))])
+        self.out, self.jobs = boxes.pop("out"), list(boxes.values())
         self.quiet = self.verbose or ray.get_runtime_context().get_actor_id() is not None  # Tune shows trials' lines
         self.name = f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         storage = (Storage(self.cfg.storage).ray_train() if self.cfg.storage else

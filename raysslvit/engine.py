@@ -29,7 +29,7 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prepare_model: Callable[[nn.Module], nn.Module] | None = None
-    sink: Callable[[str], None] | None = None  # where rank 0's lines go (a Ray queue to the console); default stdout
+    sink: Callable[[str], None] | None = None  # where rank 0's lines go (the driver's mailbox, to the console); default stdout
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.prepare_model(model) if self.prepare_model else model.to(self.device)
