@@ -14,13 +14,21 @@ RESULT_COLUMNS = {"seed", "trial", "status", "epochs_reported", "wall_time_s"}
 
 
 def load_study(path: str) -> pd.DataFrame:
-    """A study's table (one row per trial) from its folder or its results.parquet; `df.attrs["swept"]`
-    names the swept config fields (e.g. ["ssl.mask_ratio"])."""
-    table = path if path.endswith(".parquet") else os.path.join(path, "results.parquet")
-    if not os.path.isfile(table):
-        raise UserError(f"no study results at {table} (run `python -m raysslvit.tune --space NAME` first)")
-    df = pd.read_parquet(table)
-    df.attrs["swept"] = list(df.columns[:list(df.columns).index("seed")])
+    """A study's table (one row per trial) from its folder or its results.parquet, or the trials of
+    several studies of the same fields, their paths joined with os.pathsep (a follow-up study's
+    beside the first's); `df.attrs["swept"]` names the swept config fields (e.g. ["ssl.mask_ratio"])."""
+    tables = []
+    for one in path.split(os.pathsep):
+        table = one if one.endswith(".parquet") else os.path.join(one, "results.parquet")
+        if not os.path.isfile(table):
+            raise UserError(f"no study results at {table} (run `python -m raysslvit.tune --space NAME` first)")
+        tables.append(pd.read_parquet(table))
+    swept = [list(t.columns[:list(t.columns).index("seed")]) for t in tables]
+    if any(s != swept[0] for s in swept):
+        raise UserError(f"these studies sweep different fields ({' / '.join(', '.join(s) for s in swept)}): "
+                        f"one table cannot hold them")
+    df = pd.concat(tables, ignore_index=True)
+    df.attrs["swept"] = swept[0]
     return df
 
 

@@ -18,6 +18,11 @@ def test_load_study_names_the_swept_fields(tune_study, tmp_path):
     assert list(stats.index) == [1, 2, 3] and (stats[("probe.val_acc", "count")] == 1).all()
     with pytest.raises(UserError, match="no study results"):
         load_study(str(tmp_path))
+    both = load_study(os.pathsep.join([str(tune_study["path"])] * 2))  # a follow-up study beside the first
+    assert both.attrs["swept"] == ["model.depth"] and len(both) == 6
+    df.rename(columns={"model.depth": "ssl.mask_ratio"}).to_parquet(other := tmp_path / "other.parquet")
+    with pytest.raises(UserError, match="^these studies sweep different fields"):
+        load_study(os.pathsep.join([str(tune_study["path"]), str(other)]))
 
 
 @pytest.mark.parametrize("name", sorted(f[:-6] for f in os.listdir(NOTEBOOKS) if f.endswith(".ipynb")))
