@@ -230,7 +230,8 @@ def run_study(args):
         tuner = tune.Tuner(fn, param_space=param_space(spec),
                            tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], scheduler=scheduler,
                                                        num_samples=args.num_samples or spec["num_samples"],
-                                                       max_concurrent_trials=concurrent),
+                                                       max_concurrent_trials=concurrent,
+                                                       reuse_actors=True),  # a new trial's process: torch imported already
                            run_config=tune.RunConfig(name=name, storage_path=root.root,
                                                      callbacks=tracking.tune_callbacks(args.mlflow, name), **where))
     results = tuner.fit()
