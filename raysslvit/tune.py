@@ -231,9 +231,7 @@ def run_study(args):
                            tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"], scheduler=scheduler,
                                                        num_samples=args.num_samples or spec["num_samples"],
                                                        max_concurrent_trials=concurrent,
-                                                       # a trial after another skips the process start and imports; not
-                                                       # with a TorchTrainer inside: a trial that ASHA stops is still in
-                                                       # its fit, Tune cannot reset the actor and fails the next trial
+                                                       # not with a TorchTrainer: an ASHA-stopped trial is still in its fit, its actor can't be reset
                                                        reuse_actors=base.launcher == "local"),
                            run_config=tune.RunConfig(name=name, storage_path=root.root,
                                                      callbacks=tracking.tune_callbacks(args.mlflow, name), **where))
