@@ -13,6 +13,12 @@ JPEG_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 needs_jpeg_cifar10 = pytest.mark.skipif(not os.path.isdir(JPEG_CIFAR10),
                                         reason="the JPEG copy of CIFAR-10 is not on this machine")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, else their threads spin on each other
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # the commands the tests start
+    torch.set_num_threads(1)
+
 
 # The smoke study with 8 SSL epochs instead of 20 (about 35 s less here); rotation 0.44 there, chance 0.25.
 SMOKE_RUN = {"ssl.epochs": 8}
@@ -135,11 +141,16 @@ def tune_study(tmp_path_factory, request):
             "nodes": nodes if cluster is not None else None, "storage": storage, "mlflow": tmp / "mlruns"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group
 def pytest_collection_modifyitems(items):
     """The tests on a Ray run last: its idle processes slow every test that runs beside them. First
     those on the two nodes (whose own processes share the CPUs), the one that stops them last; then
-    those on the suite's Ray."""
+    those on the suite's Ray. Under xdist (pyproject's `-n 2`) the two nodes' tests, and the smoke
+    study's and the captions' readers, each stay on one worker, which builds their fixtures once."""
     names = lambda item: set(getattr(item, "fixturenames", ()))
     on_nodes = lambda item: bool(names(item) & {"two_nodes", "tune_study"})
     stops_nodes = lambda item: "test_two_nodes.py::test_a_study_runs" in item.nodeid
     items.sort(key=lambda item: (on_nodes(item) or "ray_local" in names(item), not on_nodes(item), stops_nodes(item)))
+    for item in items:
+        if group := "two_nodes" if on_nodes(item) else "smoke_run" if names(item) & {"smoke_run", "captioned"} else "":
+            item.add_marker(pytest.mark.xdist_group(group))
