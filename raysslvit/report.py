@@ -98,15 +98,18 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
     results["full_cifar10"] = full_cifar10(results["data_sizes"])
     results["ssl_gain"] = ssl_gains(runs)
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
-    # a study built over several sittings holds stages made at different commits: say which
+    # a study built over several sittings (and seeds) holds stages made at different commits: say which
     commits: dict[str, list[str]] = {}
-    for stage, config in configs.items():
-        commits.setdefault(str(config.get("git_commit")), []).append(stage)
+    for seed, d in dirs.items():
+        for c in sorted(glob.glob(os.path.join(d, "*", "config.json"))):
+            if isinstance(config := try_read_json(c), dict):
+                stage = os.path.basename(os.path.dirname(c))
+                commits.setdefault(str(config.get("git_commit")), []).append(stage if len(dirs) == 1 else f"seed_{seed}/{stage}")
     results["provenance"]["git_commits"] = commits
-    study = [s for d in dirs.values() if isinstance(s := try_read_json(os.path.join(d, "study.json")), dict)]
-    results["skipped"] = study[0]["skipped"] if study else {}
-    # the last finished `run` call (stages it found done take seconds); None before one finished
-    results["last_run_wall_s"] = sum(s["wall_s"] for s in study) if study else None
+    study = {seed: s for seed, d in dirs.items() if isinstance(s := try_read_json(os.path.join(d, "study.json")), dict)}
+    results["skipped"] = next(iter(study.values()))["skipped"] if study else {}
+    # each seed's last finished `run` call (stages it found done take seconds); absent before one finished
+    results["last_run_wall_s"] = {str(seed): s["wall_s"] for seed, s in study.items()}
     return results
 
 
@@ -239,6 +242,15 @@ def training_curves(runs: dict[str, dict[int, dict]]) -> bytes | None:
     return buffer.getvalue()
 
 
+def _by_seed(stages: list[str]) -> str:
+    """'seed_1/ssl', 'seed_1/probe', 'seed_2/ssl' -> 'seed_1: ssl, probe; seed_2: ssl' (one seed: as given)."""
+    groups: dict[str, list[str]] = {}
+    for s in stages:
+        seed, _, stage = s.rpartition("/")
+        groups.setdefault(seed, []).append(stage)
+    return "; ".join((f"{seed}: " if seed else "") + ", ".join(names) for seed, names in groups.items())
+
+
 def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
@@ -295,10 +307,12 @@ def build(out: str) -> dict:
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
     total = sum(t["wall_s"] for _, t in wall_times)
     last = results["last_run_wall_s"]
-    timing = f"Stages' wall time: {total:.0f} s" + (f" (the last run call: {last:.0f} s)." if last is not None else ".")
+    timing = f"Stages' wall time: {total:.0f} s" + (
+        "." if not last else f" (the last run call: {next(iter(last.values())):.0f} s)." if len(last) == 1 else
+        " (each seed's last run call: " + ", ".join(f"seed {k} {v:.0f} s" for k, v in last.items()) + ").")
     commits = prov.get("git_commits") or {str(prov.get("git_commit")): []}
     made_at = ("Commit " + next(iter(commits)) if len(commits) == 1 else
-               "Commits " + "; ".join(f"{c[:7]} ({', '.join(stages)})" for c, stages in commits.items()))
+               "Commits " + "; ".join(f"{c[:7]} ({_by_seed(stages)})" for c, stages in commits.items()))
 
     first = next(iter(seed_dirs(out).values()))
     figures = [(name, title, open(p, "rb").read()) for name, title in FIGURES

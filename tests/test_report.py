@@ -67,11 +67,11 @@ def test_stages_bring_their_prerequisites():
         study_steps("videos")
 
 
-def _stage(folder, acc: float, seed: int, sizes: dict) -> None:
+def _stage(folder, acc: float, seed: int, sizes: dict, commit: str = "a" * 40) -> None:
     folder.mkdir(parents=True)
     write_json(folder / "metrics.json", {"test_acc": acc, "history": [{"epoch": 1, "val_acc": acc, "train_loss": 1.0}],
                                          "timing": {"wall_s": 10.0}})
-    write_json(folder / "config.json", {"config": {"preset": "smoke"}, "seed": seed, "data_sizes": sizes})
+    write_json(folder / "config.json", {"config": {"preset": "smoke"}, "seed": seed, "data_sizes": sizes, "git_commit": commit})
 
 
 CIFAR10 = {"train": 45000, "val": 5000, "test": 10000, "classes": 10}
@@ -81,7 +81,8 @@ def test_seeds_are_aggregated_and_a_gain_within_two_std_is_not_established(tmp_p
     # fine-tuning beats scratch by 0.10 and 0.12 (established); the probe beats its control by 0.10 and -0.02 (not)
     for seed, (ft, scratch, probe, random) in enumerate([(0.5, 0.4, 0.5, 0.4), (0.7, 0.58, 0.5, 0.52)]):
         for stage, acc in (("finetune", ft), ("scratch", scratch), ("probe", probe), ("probe_random", random)):
-            _stage(tmp_path / f"seed_{seed}" / stage, acc, seed, CIFAR10)
+            _stage(tmp_path / f"seed_{seed}" / stage, acc, seed, CIFAR10, commit=str(seed) * 40)
+        write_json(tmp_path / f"seed_{seed}" / "study.json", {"wall_s": 40.0 + seed, "skipped": {}})
     results = report.build(str(tmp_path))
     assert results["seeds"] == [0, 1] and results["full_cifar10"]
     assert results["finetune"]["test_acc"] == pytest.approx(0.6) and results["finetune"]["test_acc_std"] == pytest.approx(0.1414, abs=1e-4)
@@ -92,6 +93,10 @@ def test_seeds_are_aggregated_and_a_gain_within_two_std_is_not_established(tmp_p
     assert not gains["probe.test_acc"]["established"] and "+0.0400 ± 0.0849 (not established)" in md
     assert "| fine-tuning | 0.5000 | 0.7000 |" in md and "| control scratch, test_acc | 0.4000 | 0.5800 |" in md  # every seed
     assert "Plumbing check" not in md and "Plumbing check" not in report.summary(results)
+    # the seeds were run at different commits, each in its own last call: the header names every one
+    assert results["provenance"]["git_commits"]["1" * 40] == [f"seed_1/{s}" for s in ("finetune", "probe", "probe_random", "scratch")]
+    assert "Commits 0000000 (seed_0: finetune, probe, probe_random, scratch); 1111111 (seed_1: " in md
+    assert "(each seed's last run call: seed 0 40 s, seed 1 41 s)" in md
     assert json.loads((tmp_path / "results.json").read_text())["finetune"]["per_seed"]["1"]["test_acc"] == 0.7
 
 
