@@ -167,7 +167,8 @@ def rows(results: dict, done_only: bool = False) -> tuple[list[str], list[list[s
         if key in results.get("skipped", {}) or (done_only and not results.get(key)):
             continue
         row = [what, _fmt(results.get(key), metric),
-               f"{_fmt(results.get(control), metric)} ({control})" if control and results.get(control) else "—",
+               # a control only beside a figure that exists: alone it would read as the stage's result
+               f"{_fmt(results.get(control), metric)} ({control})" if control and results.get(control) and results.get(key) else "—",
                _gain(results, key, metric)]
         body.append(row + ([f"{study:.4f}" if study else ""] if comparable else []))
     return header, body

@@ -88,6 +88,7 @@ def test_seeds_are_aggregated_and_a_gain_within_two_std_is_not_established(tmp_p
     assert results["finetune"]["test_acc"] == pytest.approx(0.6) and results["finetune"]["test_acc_std"] == pytest.approx(0.1414, abs=1e-4)
     md = (tmp_path / "report.md").read_text()
     assert "| fine-tuning | 0.6000 ± 0.1414 | 0.4900 ± 0.1273 (scratch) | +0.1100 ± 0.0141 | 0.4029 |" in md
+    assert "| linear probe of the InfoNCE baseline, final CLS | — | — | — | 0.4008 |" in md  # not run: no control either
     gains = results["ssl_gain"]
     assert gains["finetune.test_acc"]["established"] and gains["finetune.test_acc"]["per_seed"]["1"] == pytest.approx(0.12)
     assert not gains["probe.test_acc"]["established"] and "+0.0400 ± 0.0849 (not established)" in md
