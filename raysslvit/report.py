@@ -87,9 +87,11 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
             merged[k], merged[f"{k}_std"] = statistics.mean(values), statistics.stdev(values)
         merged["per_seed"] = {str(seed): {k: v for k, v in m.items() if k != "history"} for seed, m in by_seed.items()}
         results[key] = merged
-    first = next(iter(dirs.values()))
-    configs = {os.path.basename(os.path.dirname(c)): saved
-               for c in sorted(glob.glob(os.path.join(first, "*", "config.json"))) if isinstance(saved := try_read_json(c), dict)}
+    # {seed: {stage: its config.json}}, each file read once
+    seed_configs = {seed: {os.path.basename(os.path.dirname(c)): saved
+                           for c in sorted(glob.glob(os.path.join(d, "*", "config.json"))) if isinstance(saved := try_read_json(c), dict)}
+                    for seed, d in dirs.items()}
+    configs = next(iter(seed_configs.values()))
     if not configs:
         raise UserError(f"no finished stage in {out}: run `python -m raysslvit run --out {out}` first")
     saved = next(iter(configs.values()))
@@ -100,11 +102,9 @@ def collect(out: str, runs: dict[str, dict[int, dict]]) -> dict:
     results["provenance"] = {k: saved.get(k) for k in ("versions", "git_commit", "hardware", "host")}
     # a study built over several sittings (and seeds) holds stages made at different commits: say which
     commits: dict[str, list[str]] = {}
-    for seed, d in dirs.items():
-        for c in sorted(glob.glob(os.path.join(d, "*", "config.json"))):
-            if isinstance(config := try_read_json(c), dict):
-                stage = os.path.basename(os.path.dirname(c))
-                commits.setdefault(str(config.get("git_commit")), []).append(stage if len(dirs) == 1 else f"seed_{seed}/{stage}")
+    for seed, stages in seed_configs.items():
+        for stage, config in stages.items():
+            commits.setdefault(str(config.get("git_commit")), []).append(stage if len(dirs) == 1 else f"seed_{seed}/{stage}")
     results["provenance"]["git_commits"] = commits
     study = {seed: s for seed, d in dirs.items() if isinstance(s := try_read_json(os.path.join(d, "study.json")), dict)}
     results["skipped"] = next(iter(study.values()))["skipped"] if study else {}
